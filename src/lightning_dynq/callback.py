@@ -1,0 +1,386 @@
+"""Lightning callback that runs quantization-aware training and exports an int8 model.
+
+The quantization logic lives in :mod:`lightning_dynq.quantization`; this module only maps it onto
+the Trainer lifecycle: prepare in ``setup``, follow the schedule per batch, freeze observers in
+evaluation loops, convert and save when fitting ends, and record test metrics.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.model_helpers import is_overridden
+
+from lightning_dynq.quantization import artifacts, backend, padding
+from lightning_dynq.quantization.convert import convert_copy, quantized_modules
+from lightning_dynq.quantization.prepare import Preparation, boundaries, check_patterns, prepare_model, set_submodule
+from lightning_dynq.quantization.recipe import MODULE_TYPE_NAMES, QuantRecipe
+
+# Strategies that shard parameters, which eager-mode module swapping cannot follow.
+_REJECTED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")
+
+
+class DynamicQuantCallback(Callback):
+    """Quantization-aware training of an unmodified LightningModule, exported as an int8 model for x86 CPUs.
+
+    The callback prepares the model in ``setup`` (before ``configure_optimizers``), trains with fake
+    quantization, runs validation with frozen observers and, when fitting ends, converts a CPU copy
+    to int8 and saves ``model.pt``, ``metadata.json`` and ``report.json`` under
+    ``trainer.log_dir/int8`` (or ``output_dir``). The LightningModule itself stays a QAT model.
+
+    Args:
+        qconfig: engine name (``"fbgemm"``, ``"x86"``, ``"qnnpack"``, ``"onednn"``) or a ``QConfig``.
+        engine: quantized engine for conversion and inference; default: the one named by ``qconfig``.
+        mode: ``"static"`` or ``"dynamic"`` (Linear only, activations quantized per batch at run time).
+        module_types: module types to quantize, from ``"Linear"``, ``"Conv1d"``, ``"Conv2d"``.
+        include: module name patterns (fnmatch) to quantize; None selects every module of ``module_types``.
+        exclude: module name patterns to keep float.
+        overrides: name pattern to ``"static"``, ``"dynamic"`` or None (keep float).
+        quantize_embeddings: quantize embedding weights (weight-only). Default False.
+        fuse: fuse Conv-BN(-ReLU), Conv-ReLU, Linear-BN, Linear-ReLU found in ``nn.Sequential`` children.
+        fuse_groups: extra groups of qualified module names to fuse.
+        fake_quant_start: when fake quantization starts: int of optimizer steps or ``"N epochs"``.
+        freeze_observers_at: when observer ranges stop updating (steps or ``"N epochs"``); None: never.
+        freeze_bn_stats_at: when fused batch-norm statistics stop updating; None: never.
+        mask_key: key of the padding mask in dict batches, so activation observers skip padding.
+        output_dir: folder for the int8 artifact; default ``trainer.log_dir/int8``.
+
+    Raises:
+        ValueError, TypeError: an invalid argument, named in the message with the allowed values.
+
+    Example::
+
+        callback = DynamicQuantCallback(qconfig="x86", exclude=["classifier"])
+        trainer = Trainer(callbacks=[callback], max_epochs=3)
+        trainer.fit(model, datamodule=datamodule)
+        report = callback.test_fake_quant_and_int8(trainer, model, datamodule)
+    """
+
+    def __init__(
+        self,
+        qconfig: Any = "fbgemm",
+        engine: str | None = None,
+        mode: str = "static",
+        module_types: Sequence[str] = MODULE_TYPE_NAMES,
+        include: Sequence[str] | None = None,
+        exclude: Sequence[str] = (),
+        overrides: dict[str, str | None] | None = None,
+        quantize_embeddings: bool = False,
+        fuse: bool = True,
+        fuse_groups: Sequence[Sequence[str]] = (),
+        fake_quant_start: int | str = 0,
+        freeze_observers_at: int | str | None = None,
+        freeze_bn_stats_at: int | str | None = None,
+        mask_key: str | None = "attention_mask",
+        output_dir: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.recipe = QuantRecipe(
+            qconfig=qconfig,
+            engine=engine,
+            mode=mode,
+            module_types=list(module_types),
+            include=None if include is None else list(include),
+            exclude=list(exclude),
+            overrides=dict(overrides or {}),
+            quantize_embeddings=quantize_embeddings,
+            fuse=fuse,
+            fuse_groups=[list(group) for group in fuse_groups],
+            fake_quant_start=fake_quant_start,
+            freeze_observers_at=freeze_observers_at,
+            freeze_bn_stats_at=freeze_bn_stats_at,
+            mask_key=mask_key,
+        )
+        self.output_dir = None if output_dir is None else Path(output_dir)
+        self.quantized_model: torch.nn.Module | None = None
+        self.artifact_dir: Path | None = None
+        self.report: dict[str, Any] = {}
+        self.preparation: Preparation | None = None
+
+        self._schedule_state = {"fake_quant_enabled": None, "observers_frozen": False, "bn_frozen": False}
+        self._fake_quant_ever_enabled = False
+        self._saved_flags: dict[str, tuple[bool, bool]] | None = None
+        self._int8_active = False
+        self._original_configure_model: Any = None
+
+    # ------------------------------------------------------------------------------------------
+    # Preparation
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        strategy_name = type(trainer.strategy).__name__
+        if strategy_name in _REJECTED_STRATEGIES:
+            raise ValueError(
+                f"DynamicQuantCallback does not support {strategy_name}: eager-mode quantization swaps whole "
+                "modules, which sharded parameters cannot follow. Use strategy='ddp' or a single device."
+            )
+
+        lazy = is_overridden("configure_model", pl_module)
+        self._prepare(pl_module, final=not lazy)
+        if lazy and self._original_configure_model is None:
+            self._wrap_configure_model(pl_module)
+
+    def _prepare(self, pl_module: pl.LightningModule, final: bool) -> None:
+        self.preparation = prepare_model(pl_module, self.recipe)
+        if final:
+            check_patterns(pl_module, self.recipe, self.preparation)
+            rank_zero_info(f"DynamicQuantCallback (engine={self.recipe.engine}, mode={self.recipe.mode}):\n"
+                           + self.preparation.summary())
+
+    def _wrap_configure_model(self, pl_module: pl.LightningModule) -> None:
+        """Run preparation again after ``configure_model``, so modules it builds are quantized too."""
+        original = pl_module.configure_model
+        self._original_configure_model = original
+
+        def configure_model() -> None:
+            original()
+            self._prepare(pl_module, final=True)
+
+        pl_module.configure_model = configure_model
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        padding.set_active_mask(None)
+
+    # ------------------------------------------------------------------------------------------
+    # Schedule and padding mask during training
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._apply_schedule(trainer, pl_module, force=True)
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        self._apply_schedule(trainer, pl_module)
+        key = self.recipe.mask_key
+        if key is not None and isinstance(batch, Mapping) and isinstance(batch.get(key), torch.Tensor):
+            padding.set_active_mask(batch[key])
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        padding.set_active_mask(None)
+
+    def _apply_schedule(self, trainer: pl.Trainer, pl_module: pl.LightningModule, force: bool = False) -> None:
+        schedule = self.recipe.schedule
+        step, epoch = trainer.global_step, trainer.current_epoch
+        state = self._schedule_state
+
+        fake_quant_on = schedule["fake_quant_start"].reached(step, epoch)
+        if force or fake_quant_on != state["fake_quant_enabled"]:
+            backend.enable_fake_quant(pl_module, fake_quant_on)
+            if fake_quant_on != state["fake_quant_enabled"] and state["fake_quant_enabled"] is not None:
+                rank_zero_info(f"DynamicQuantCallback: fake quantization enabled at step {step}, epoch {epoch}.")
+            state["fake_quant_enabled"] = fake_quant_on
+        self._fake_quant_ever_enabled |= fake_quant_on
+
+        freeze_observers = schedule["freeze_observers_at"]
+        observers_frozen = freeze_observers is not None and freeze_observers.reached(step, epoch)
+        if force or observers_frozen != state["observers_frozen"]:
+            backend.enable_observers(pl_module, not observers_frozen)
+            if observers_frozen and not state["observers_frozen"]:
+                rank_zero_info(f"DynamicQuantCallback: observers frozen at step {step}, epoch {epoch}.")
+            state["observers_frozen"] = observers_frozen
+
+        freeze_bn = schedule["freeze_bn_stats_at"]
+        bn_frozen = freeze_bn is not None and freeze_bn.reached(step, epoch)
+        if bn_frozen and (force or not state["bn_frozen"]):
+            backend.freeze_bn_stats(pl_module)
+            if not state["bn_frozen"]:
+                rank_zero_info(f"DynamicQuantCallback: batch-norm statistics frozen at step {step}, epoch {epoch}.")
+            state["bn_frozen"] = True
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**self._schedule_state, "fake_quant_ever_enabled": self._fake_quant_ever_enabled}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._fake_quant_ever_enabled = bool(state_dict["fake_quant_ever_enabled"])
+        for key in self._schedule_state:
+            self._schedule_state[key] = state_dict[key]
+
+    # ------------------------------------------------------------------------------------------
+    # Evaluation loops run the fake-quant model without updating observers
+
+    def _freeze_for_evaluation(self, pl_module: pl.LightningModule) -> None:
+        self._saved_flags = backend.observer_flags(pl_module)
+        backend.enable_observers(pl_module, False)
+
+    def _restore_after_evaluation(self, pl_module: pl.LightningModule) -> None:
+        if self._saved_flags is not None:
+            backend.set_observer_flags(pl_module, self._saved_flags)
+            self._saved_flags = None
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._freeze_for_evaluation(pl_module)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._restore_after_evaluation(pl_module)
+
+    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._freeze_for_evaluation(pl_module)
+
+    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._freeze_for_evaluation(pl_module)
+
+    def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._restore_after_evaluation(pl_module)
+
+    # ------------------------------------------------------------------------------------------
+    # Conversion and artifacts
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self._fake_quant_ever_enabled:
+            rank_zero_warn(
+                f"DynamicQuantCallback: fake quantization never ran (fake_quant_start={self.recipe.fake_quant_start} "
+                "was not reached), so the int8 model was not trained with quantization noise. Lower fake_quant_start."
+            )
+        if not self._schedule_state["observers_frozen"]:
+            rank_zero_warn(
+                "DynamicQuantCallback: converting with observers still enabled, so the int8 ranges follow the last "
+                "training batches. Set freeze_observers_at (for example to the last epoch) to fine-tune with fixed ranges."
+            )
+
+        self.quantized_model = self._convert(trainer, pl_module)
+        self.artifact_dir = self.output_dir or Path(trainer.log_dir or trainer.default_root_dir) / "int8"
+        self.report = {
+            "artifact_dir": str(self.artifact_dir),
+            "fp32_size_bytes": artifacts.serialized_size(artifacts.float_state_dict(pl_module)),
+            "int8_size_bytes": artifacts.serialized_size(self.quantized_model.state_dict()),
+            "fake_quant": {},
+            "int8": {},
+        }
+        if trainer.is_global_zero:
+            self._save(trainer)
+        rank_zero_info(
+            f"DynamicQuantCallback: int8 model saved to {self.artifact_dir} "
+            f"({self.report['fp32_size_bytes']} bytes float, {self.report['int8_size_bytes']} bytes int8)."
+        )
+
+    def _convert(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> torch.nn.Module:
+        # The copy must not include the Trainer, nor the configure_model wrapper bound to pl_module.
+        wrapper = pl_module.__dict__.pop("configure_model", None)
+        try:
+            return convert_copy(pl_module, self.recipe.engine, memo={id(trainer): None})
+        finally:
+            if wrapper is not None:
+                pl_module.configure_model = wrapper
+
+    def _save(self, trainer: pl.Trainer) -> None:
+        assert self.quantized_model is not None and self.artifact_dir is not None and self.preparation is not None
+        artifacts.save_model(self.artifact_dir, self.quantized_model)
+        metadata = artifacts.build_metadata(
+            self.recipe,
+            quantized_modules(self.quantized_model),
+            self.preparation.quantized,
+            self.preparation.fused,
+            getattr(trainer.datamodule, "bucket_boundaries", None),
+        )
+        artifacts.write_json(self.artifact_dir / artifacts.METADATA_FILE, metadata)
+        artifacts.write_json(self.artifact_dir / artifacts.REPORT_FILE, self.report)
+
+    # ------------------------------------------------------------------------------------------
+    # Test metrics: fake-quant and int8
+
+    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._restore_after_evaluation(pl_module)
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test_")}
+        self.report["int8" if self._int8_active else "fake_quant"] = split_bucket_metrics(metrics)
+        if trainer.is_global_zero and self.artifact_dir is not None:
+            artifacts.write_json(self.artifact_dir / artifacts.REPORT_FILE, self.report)
+
+    @contextlib.contextmanager
+    def int8_swapped(self, pl_module: pl.LightningModule) -> Iterator[pl.LightningModule]:
+        """Put the int8 modules in place of the QAT modules of ``pl_module`` for the block.
+
+        ``pl_module`` must be on the CPU, because int8 kernels run on the CPU only. The previous
+        modules and quantized engine are restored on exit.
+
+        Raises:
+            RuntimeError: fitting has not ended yet, so there is no int8 model.
+            ValueError: ``pl_module`` is not on the CPU or its quantized modules differ from the int8 model's.
+        """
+        if self.quantized_model is None:
+            raise RuntimeError("No int8 model yet: int8_swapped needs trainer.fit(...) with this callback to finish first.")
+        int8_modules = boundaries(self.quantized_model)
+        qat_modules = boundaries(pl_module)
+        if set(int8_modules) != set(qat_modules):
+            raise ValueError(
+                f"The quantized modules of {type(pl_module).__name__} {sorted(qat_modules)} differ from the int8 "
+                f"model's {sorted(int8_modules)}: pass the LightningModule this callback trained."
+            )
+        devices = {p.device.type for p in pl_module.parameters()}
+        if devices - {"cpu"}:
+            raise ValueError(f"int8_swapped needs the LightningModule on the CPU, found devices {sorted(devices)}.")
+
+        for name, module in int8_modules.items():
+            set_submodule(pl_module, name, module)
+        self._int8_active = True
+        try:
+            with backend.quantized_engine(self.recipe.engine):
+                yield pl_module
+        finally:
+            self._int8_active = False
+            for name, module in qat_modules.items():
+                set_submodule(pl_module, name, module)
+
+    def test_fake_quant_and_int8(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, datamodule: pl.LightningDataModule | None = None
+    ) -> dict[str, Any]:
+        """Test the fake-quant model, then the int8 model through the same loop, and return the report.
+
+        The Trainer must run on the CPU. A summary table of each test metric per bucket (fake-quant
+        vs int8) and the model sizes is logged on rank zero.
+        """
+        if trainer.strategy.root_device.type != "cpu":
+            raise ValueError(
+                f"test_fake_quant_and_int8 needs a CPU Trainer because int8 kernels run on the CPU, "
+                f"got device {trainer.strategy.root_device}. Build Trainer(accelerator='cpu') for testing."
+            )
+        datamodule = datamodule if datamodule is not None else trainer.datamodule
+        trainer.test(pl_module, datamodule=datamodule, verbose=False)
+        with self.int8_swapped(pl_module):
+            trainer.test(pl_module, datamodule=datamodule, verbose=False)
+        rank_zero_info(format_report(self.report))
+        return self.report
+
+
+def split_bucket_metrics(metrics: dict[str, float]) -> dict[str, Any]:
+    """Split ``test_<name>`` and ``test_<name>/bucket_<i>`` keys into overall and per-bucket dicts."""
+    overall: dict[str, float] = {}
+    per_bucket: dict[str, dict[str, float]] = {}
+    for key, value in sorted(metrics.items()):
+        name, _, bucket = key.partition("/bucket_")
+        if bucket:
+            per_bucket.setdefault(bucket, {})[name] = value
+        else:
+            overall[key] = value
+    return {"overall": overall, "per_bucket": per_bucket}
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """Return a text table of test metrics per bucket, fake-quant vs int8, and the model sizes."""
+    rows = [("metric", "bucket", "fake_quant", "int8")]
+    fake_quant, int8 = report.get("fake_quant", {}), report.get("int8", {})
+    for name in sorted(set(fake_quant.get("overall", {})) | set(int8.get("overall", {}))):
+        rows.append((name, "all", _cell(fake_quant.get("overall", {}).get(name)), _cell(int8.get("overall", {}).get(name))))
+    buckets = sorted(set(fake_quant.get("per_bucket", {})) | set(int8.get("per_bucket", {})), key=_bucket_order)
+    for bucket in buckets:
+        fq_bucket = fake_quant.get("per_bucket", {}).get(bucket, {})
+        int8_bucket = int8.get("per_bucket", {}).get(bucket, {})
+        for name in sorted(set(fq_bucket) | set(int8_bucket)):
+            rows.append((name, bucket, _cell(fq_bucket.get(name)), _cell(int8_bucket.get(name))))
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)) for row in rows]
+    lines.append(f"size: {report.get('fp32_size_bytes')} bytes float, {report.get('int8_size_bytes')} bytes int8")
+    return "\n".join(lines)
+
+
+def _cell(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def _bucket_order(bucket: str) -> tuple[int, str]:
+    return (int(bucket), bucket) if bucket.isdigit() else (1 << 30, bucket)

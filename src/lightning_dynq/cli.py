@@ -1,0 +1,91 @@
+"""The ``lightning-dynq`` command: LightningCLI with the quantization callback and bucketed data.
+
+Subcommands ``fit``, ``validate``, ``test`` and ``predict`` come from LightningCLI and read the
+same YAML files (``--config FILE``). The quantization callback is configured under ``quant:``
+and the DataModule under ``data:``. After ``fit``, the command tests the fake-quant model and the
+int8 model on the test split and writes ``report.json`` (turn it off with
+``--test_after_fit false``).
+
+``lightning-dynq data-report --config FILE`` builds only the DataModule of a configuration and
+prints its bucket statistics, without loading a model or training.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from lightning_dynq.callback import DynamicQuantCallback
+from lightning_dynq.datamodule import BucketingDataModule
+
+DATA_REPORT_COMMAND = "data-report"
+
+
+class DynqCLI(LightningCLI):
+    """LightningCLI that adds the quantization callback and links data facts into the model."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_lightning_class_args(DynamicQuantCallback, "quant")
+        parser.add_argument(
+            "--test_after_fit",
+            type=bool,
+            default=True,
+            help="After fit, test the fake-quant and the int8 model and write report.json.",
+        )
+        parser.link_arguments(
+            "data",
+            "model.init_args.num_labels",
+            compute_fn=_num_labels_or_none,
+            apply_on="instantiate",
+        )
+
+    def after_fit(self) -> None:
+        if not self.config[self.subcommand].get("test_after_fit", True):
+            return
+        callback = next(cb for cb in self.trainer.callbacks if isinstance(cb, DynamicQuantCallback))
+        callback.test_fake_quant_and_int8(self.trainer, self.model, datamodule=self.datamodule)
+
+
+def _num_labels_or_none(datamodule: BucketingDataModule) -> Any:
+    return datamodule.num_labels if datamodule.task == "classification" else None
+
+
+def data_report_main(argv: list[str]) -> None:
+    """Build the DataModule of a configuration file and print its bucket statistics."""
+    from lightning_dynq.data.report import format_data_report
+
+    parser = LightningArgumentParser(description="Print bucket statistics of a DataModule configuration.")
+    parser.add_argument("--config", action="config", help="YAML file with a data: section.")
+    parser.add_lightning_class_args(BucketingDataModule, "data")
+    parser.add_argument("--model", type=dict[str, Any], default={}, help="Ignored; allowed so fit files work as they are.")
+    parser.add_argument("--trainer", type=dict[str, Any], default={}, help="Ignored.")
+    parser.add_argument("--quant", type=dict[str, Any], default={}, help="Ignored.")
+    parser.add_argument("--seed_everything", type=Any, default=None, help="Ignored.")
+    parser.add_argument("--test_after_fit", type=Any, default=None, help="Ignored.")
+    config = parser.parse_args(argv)
+    datamodule = parser.instantiate_classes(config)["data"]
+    print(format_data_report(datamodule))
+
+
+def main(args: list[str] | None = None) -> None:
+    """Run the ``lightning-dynq`` command with ``args`` (default: the process arguments)."""
+    argv = sys.argv[1:] if args is None else list(args)
+    if argv and argv[0] == DATA_REPORT_COMMAND:
+        data_report_main(argv[1:])
+        return
+
+    DynqCLI(
+        pl.LightningModule,
+        BucketingDataModule,
+        subclass_mode_model=True,
+        seed_everything_default=42,
+        args=argv,
+        save_config_kwargs={"overwrite": True},
+    )
+
+
+if __name__ == "__main__":
+    main()

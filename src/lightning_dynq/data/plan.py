@@ -1,0 +1,169 @@
+"""Batch plans: which rows form each batch, for every rank, in which order.
+
+A plan is a pure function of the bucket of each row, the batch size of each bucket, the seed,
+the epoch and the number of ranks, so every rank can build the same plan without talking to
+the others. Rows are encoded as ints. A row that is only a filler duplicate, added so that every
+rank gets the same number of batches, is encoded as ``-1 - row`` (see :func:`encode_filler`),
+and the loss and the metrics must ignore it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from typing import Literal
+
+import numpy as np
+
+TailPolicy = Literal["pad", "drop"]
+TAIL_POLICIES = ("pad", "drop")
+
+
+def encode_filler(rows: np.ndarray) -> np.ndarray:
+    """Mark ``rows`` as filler duplicates: ``row`` becomes ``-1 - row``."""
+    return -1 - np.asarray(rows, dtype=np.int64)
+
+
+def decode_rows(encoded: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Return ``(rows, valid)`` for encoded plan entries; ``valid`` is False for filler duplicates."""
+    encoded = np.asarray(encoded, dtype=np.int64)
+    valid = encoded >= 0
+    rows = np.where(valid, encoded, -1 - encoded)
+    return rows, valid
+
+
+def batch_sizes_for_buckets(
+    padded_lengths: Sequence[int],
+    batch_size: int | None = None,
+    max_tokens: int | None = None,
+    bucket_batch_sizes: Sequence[int] | None = None,
+) -> list[int]:
+    """Return the batch size of every bucket.
+
+    Exactly one of the three sources is used, in this order: ``bucket_batch_sizes`` (one per
+    bucket), ``max_tokens`` (the largest batch whose padded size ``batch size x padded length``
+    fits, with the bucket's longest possible padded length, so a batch never exceeds it), or the
+    fixed ``batch_size``.
+
+    Raises:
+        ValueError: no source is given, a size is below 1, or the list has the wrong length.
+    """
+    if bucket_batch_sizes is not None:
+        sizes = [int(s) for s in bucket_batch_sizes]
+        if len(sizes) != len(padded_lengths):
+            raise ValueError(
+                f"bucket_batch_sizes has {len(sizes)} entries but there are {len(padded_lengths)} buckets "
+                f"(padded lengths {list(padded_lengths)}); pass one batch size per bucket."
+            )
+    elif max_tokens is not None:
+        sizes = [max(1, int(max_tokens) // int(length)) for length in padded_lengths]
+    elif batch_size is not None:
+        sizes = [int(batch_size)] * len(padded_lengths)
+    else:
+        raise ValueError("Set batch_size, max_tokens or bucket_batch_sizes to size the batches.")
+
+    if min(sizes) < 1:
+        raise ValueError(f"Every batch size must be >= 1, got {sizes}.")
+    return sizes
+
+
+def build_train_plan(
+    buckets: np.ndarray,
+    batch_sizes: Sequence[int],
+    seed: int,
+    epoch: int,
+    num_replicas: int = 1,
+    tail: TailPolicy = "pad",
+    drop_last: bool = False,
+) -> list[list[np.ndarray]]:
+    """Build the shuffled training plan of one epoch as a list of steps.
+
+    Each step holds ``num_replicas`` batches of the same bucket, one per rank, so all ranks run
+    the same shapes in lockstep. Rows are shuffled inside each bucket and the steps are shuffled,
+    both from a generator seeded by ``(seed, epoch)``.
+
+    Args:
+        buckets: bucket index of every row; rows with a negative index are left out.
+        batch_sizes: batch size of every bucket.
+        seed: base seed; the same seed, epoch and inputs give the same plan.
+        epoch: epoch number, mixed into the seed.
+        num_replicas: number of ranks.
+        tail: when a bucket's batch count is not a multiple of ``num_replicas``, ``"pad"`` adds
+            batches of filler duplicates drawn from the same bucket, ``"drop"`` drops the extra batches.
+        drop_last: drop the incomplete last batch of every bucket.
+
+    Returns:
+        ``steps[i][rank]`` is the array of encoded rows of that rank's batch in step ``i``.
+    """
+    if tail not in TAIL_POLICIES:
+        raise ValueError(f"Unknown tail policy {tail!r}; expected one of {TAIL_POLICIES}.")
+    rng = np.random.default_rng([int(seed), int(epoch)])
+    buckets = np.asarray(buckets, dtype=np.int64)
+
+    steps: list[list[np.ndarray]] = []
+    for bucket, rows in enumerate(_rows_by_bucket(buckets, len(batch_sizes))):
+        if len(rows) == 0:
+            continue
+        size = batch_sizes[bucket]
+        rows = rng.permutation(rows)
+        batches = [rows[start : start + size] for start in range(0, len(rows), size)]
+        if drop_last and len(batches[-1]) < size:
+            batches.pop()
+
+        missing = -len(batches) % num_replicas
+        if missing and tail == "drop":
+            batches = batches[: len(batches) - (num_replicas - missing)]
+        elif missing:
+            for _ in range(missing):
+                duplicates = rng.choice(rows, size=size, replace=len(rows) < size)
+                batches.append(encode_filler(duplicates))
+
+        steps.extend(batches[start : start + num_replicas] for start in range(0, len(batches), num_replicas))
+
+    order = rng.permutation(len(steps))
+    return [steps[i] for i in order]
+
+
+def build_eval_plan(
+    buckets: np.ndarray,
+    lengths: np.ndarray,
+    batch_sizes: Sequence[int],
+    num_replicas: int = 1,
+) -> list[list[np.ndarray]]:
+    """Build the evaluation plan: rows sorted by length, each row exactly once across ranks.
+
+    Batches never mix buckets. Batch ``j`` goes to rank ``j % num_replicas``, so every rank sees
+    its rows in increasing length. When the batch count is not a multiple of ``num_replicas``,
+    the last step is completed with copies of the last batch marked as filler.
+
+    Returns:
+        ``steps[i][rank]`` as in :func:`build_train_plan`.
+    """
+    buckets = np.asarray(buckets, dtype=np.int64)
+    lengths = np.asarray(lengths, dtype=np.int64)
+
+    batches: list[np.ndarray] = []
+    for bucket, rows in enumerate(_rows_by_bucket(buckets, len(batch_sizes))):
+        rows = rows[np.argsort(lengths[rows], kind="stable")]
+        size = batch_sizes[bucket]
+        batches.extend(rows[start : start + size] for start in range(0, len(rows), size))
+
+    missing = -len(batches) % num_replicas
+    if batches and missing:
+        batches.extend(encode_filler(batches[-1]) for _ in range(missing))
+    return [batches[start : start + num_replicas] for start in range(0, len(batches), num_replicas)]
+
+
+def fingerprint_plan_inputs(buckets: np.ndarray, batch_sizes: Sequence[int], **settings: object) -> str:
+    """Return a short hash of everything a plan depends on, to compare plans across ranks cheaply."""
+    digest = hashlib.sha256(np.ascontiguousarray(buckets, dtype=np.int64).tobytes())
+    digest.update(repr([int(s) for s in batch_sizes]).encode())
+    digest.update(repr(sorted(settings.items())).encode())
+    return digest.hexdigest()[:16]
+
+
+def _rows_by_bucket(buckets: np.ndarray, num_buckets: int) -> list[np.ndarray]:
+    """Split the row indices by bucket with one stable sort, so the cost does not grow with the bucket count."""
+    order = np.argsort(buckets, kind="stable")
+    starts = np.searchsorted(buckets[order], np.arange(num_buckets + 1), side="left")
+    return [order[starts[b] : starts[b + 1]] for b in range(num_buckets)]

@@ -1,0 +1,369 @@
+"""Eager-mode backend on ``torch.ao.quantization``: the only module that imports it.
+
+Every call into ``torch.ao.quantization`` and ``torch.ao.nn`` goes through the functions here,
+so that another backend (for example torchao) can replace this file without touching the
+selection, scheduling or Lightning code. ``torch.ao.quantization`` emits a DeprecationWarning on
+most calls since torch 2.9; the warnings are silenced inside these functions only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_dynq.quantization import padding
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    import torch.ao.nn.intrinsic as nni
+    import torch.ao.nn.intrinsic.qat as nniqat
+    import torch.ao.nn.qat as nnqat
+    import torch.ao.nn.qat.dynamic as nnqatd
+    import torch.ao.nn.quantized as nnq
+    import torch.ao.nn.quantized.dynamic as nnqd
+    import torch.ao.quantization as tq
+    from torch.ao.quantization.quantization_mappings import (
+        get_default_qat_module_mappings,
+        get_default_static_quant_module_mappings,
+    )
+
+log = logging.getLogger(__name__)
+
+# Engines whose default QAT qconfig torch.ao.quantization.get_default_qat_qconfig knows (torch 2.13).
+QCONFIG_ENGINES = ("fbgemm", "x86", "qnnpack", "onednn")
+
+# Qconfig kinds a module can be given. "static" quantizes weights and activations ahead of time,
+# "dynamic" quantizes weights ahead of time and activations per batch at run time, and
+# "weight_only" is for embeddings: a per-row weight with float scale and zero point.
+QCONFIG_KINDS = ("static", "dynamic", "weight_only")
+
+# Dynamic quantization in torch.ao has kernels for Linear only.
+DYNAMIC_TYPES = (nn.Linear, nni.LinearReLU)
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.filterwarnings("ignore", message=".*reduce_range will be deprecated.*")
+        warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*")
+        yield
+
+
+def supported_engines() -> list[str]:
+    """Return the quantized engines of the installed torch build, without the "none" entry."""
+    return [engine for engine in torch.backends.quantized.supported_engines if engine != "none"]
+
+
+@contextlib.contextmanager
+def quantized_engine(engine: str) -> Iterator[None]:
+    """Set ``torch.backends.quantized.engine`` for the block, then restore the previous one."""
+    previous = torch.backends.quantized.engine
+    torch.backends.quantized.engine = engine
+    try:
+        yield
+    finally:
+        torch.backends.quantized.engine = previous
+
+
+def is_qconfig(value: Any) -> bool:
+    """Return True when ``value`` is a ``torch.ao.quantization.QConfig``."""
+    return isinstance(value, tq.QConfig)
+
+
+def make_qconfig(kind: str, engine: str, static_qconfig: Any = None) -> Any:
+    """Build the QConfig for one module.
+
+    Args:
+        kind: one of :data:`QCONFIG_KINDS`.
+        engine: engine whose default static QAT qconfig is used for ``kind="static"``.
+        static_qconfig: a ``QConfig`` that replaces the engine default for ``kind="static"``.
+    """
+    with _quiet():
+        if kind == "static":
+            if static_qconfig is not None:
+                return static_qconfig
+            return tq.get_default_qat_qconfig(engine)
+        if kind == "dynamic":
+            return tq.default_dynamic_qat_qconfig
+        if kind == "weight_only":
+            return tq.default_embedding_qat_qconfig
+    raise ValueError(f"Invalid qconfig kind {kind!r}: expected one of {list(QCONFIG_KINDS)}.")
+
+
+def describe_qconfig(qconfig: Any) -> dict[str, str]:
+    """Return a JSON-ready description of a QConfig: its activation and weight constructors."""
+    return {"activation": repr(qconfig.activation), "weight": repr(qconfig.weight)}
+
+
+# ----------------------------------------------------------------------------------------------
+# Fusion
+
+
+# Module type sequences that fuse_modules_qat accepts, checked on consecutive Sequential children.
+FUSION_PATTERNS: tuple[tuple[type[nn.Module], ...], ...] = (
+    (nn.Conv1d, nn.BatchNorm1d, nn.ReLU),
+    (nn.Conv2d, nn.BatchNorm2d, nn.ReLU),
+    (nn.Conv1d, nn.BatchNorm1d),
+    (nn.Conv2d, nn.BatchNorm2d),
+    (nn.Conv1d, nn.ReLU),
+    (nn.Conv2d, nn.ReLU),
+    (nn.Linear, nn.BatchNorm1d),
+    (nn.Linear, nn.ReLU),
+)
+
+# Fused float modules and the base type that decides whether they are selected.
+FUSED_BASE_TYPES: dict[type[nn.Module], type[nn.Module]] = {
+    nni.ConvBn1d: nn.Conv1d,
+    nni.ConvBn2d: nn.Conv2d,
+    nni.ConvBnReLU1d: nn.Conv1d,
+    nni.ConvBnReLU2d: nn.Conv2d,
+    nni.ConvReLU1d: nn.Conv1d,
+    nni.ConvReLU2d: nn.Conv2d,
+    nni.LinearReLU: nn.Linear,
+    nni.LinearBn1d: nn.Linear,
+}
+
+
+def fuse(model: nn.Module, groups: list[list[str]]) -> None:
+    """Fuse each group of module names in place with ``fuse_modules_qat``.
+
+    The model must be in training mode, so that Conv-BN becomes a QAT ConvBn module that keeps
+    updating its batch-norm statistics.
+    """
+    if not groups:
+        return
+    was_training = model.training
+    model.train()
+    with _quiet():
+        tq.fuse_modules_qat(model, groups, inplace=True)
+    model.train(was_training)
+
+
+def fused_base_type(module: nn.Module) -> type[nn.Module] | None:
+    """Return the base float type of a fused module, or None when it is not a fused module."""
+    return FUSED_BASE_TYPES.get(type(module))
+
+
+# ----------------------------------------------------------------------------------------------
+# Boundaries: one quantized module with its own quantize / dequantize steps
+
+
+class QuantBoundary(nn.Module):
+    """A single quantized module with float tensors on both sides.
+
+    In static mode the input goes through a ``QuantStub`` and the output through a ``DeQuantStub``,
+    so the model around it (LayerNorm, softmax, residual adds) keeps running in float. In dynamic
+    and weight-only modes the stubs are identities because the quantized module takes float input.
+    """
+
+    def __init__(self, module: nn.Module, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        static = kind == "static"
+        self.quant = tq.QuantStub() if static else nn.Identity()
+        self.module = module
+        self.dequant = tq.DeQuantStub() if static else nn.Identity()
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self.dequant(self.module(self.quant(x), *args, **kwargs))
+
+    @property
+    def weight(self) -> Any:
+        # Code that reads `layer.weight` (dtype or device checks in transformers) keeps working.
+        return self.module.weight
+
+    @property
+    def bias(self) -> Any:
+        return self.module.bias
+
+
+def _qat_mapping(kind: str) -> dict[type[nn.Module], type[nn.Module]]:
+    if kind == "dynamic":
+        return {nn.Linear: nnqatd.Linear}
+    return get_default_qat_module_mappings()
+
+
+def _convert_mapping(kind: str) -> dict[type[nn.Module], type[nn.Module]]:
+    if kind == "dynamic":
+        return {nnqatd.Linear: nnqd.Linear, nniqat.LinearReLU: nnqd.Linear}
+    return get_default_static_quant_module_mappings()
+
+
+def wrap_for_qat(module: nn.Module, kind: str, qconfig: Any) -> QuantBoundary:
+    """Wrap ``module`` in a :class:`QuantBoundary` and swap it for its QAT module in place.
+
+    The QAT module reuses the float module's parameter objects, so an optimizer built afterwards
+    trains exactly the parameters that the fake-quant forward uses.
+    """
+    boundary = QuantBoundary(module, kind)
+    boundary.train(module.training)
+    boundary.qconfig = qconfig
+    with _quiet():
+        tq.prepare_qat(boundary, mapping=_qat_mapping(kind), inplace=True)
+    for fake_quant in activation_fake_quants(boundary):
+        _install_padding_hooks(fake_quant)
+    return boundary
+
+
+def convert_boundary(boundary: QuantBoundary) -> QuantBoundary:
+    """Convert a prepared boundary in place to its int8 modules and return it."""
+    with _quiet():
+        tq.convert(boundary, mapping=_convert_mapping(boundary.kind), inplace=True)
+    return boundary
+
+
+def is_converted(boundary: QuantBoundary) -> bool:
+    """Return True when the boundary holds a converted (int8) module."""
+    return not any(isinstance(m, tq.FakeQuantizeBase) for m in boundary.modules())
+
+
+# ----------------------------------------------------------------------------------------------
+# Fake-quant and observer state
+
+
+def fake_quants(model: nn.Module) -> Iterator[tuple[str, Any]]:
+    """Yield ``(name, module)`` for every fake-quant module in ``model``."""
+    for name, module in model.named_modules():
+        if isinstance(module, tq.FakeQuantizeBase):
+            yield name, module
+
+
+def activation_fake_quants(model: nn.Module) -> list[Any]:
+    """Return the fake-quant modules that observe activations (all but ``weight_fake_quant``)."""
+    return [m for name, m in fake_quants(model) if not name.endswith("weight_fake_quant")]
+
+
+def observer_flags(model: nn.Module) -> dict[str, tuple[bool, bool]]:
+    """Return ``{name: (observer_enabled, fake_quant_enabled)}`` for every fake-quant module."""
+    return {
+        name: (bool(m.observer_enabled[0]), bool(m.fake_quant_enabled[0])) for name, m in fake_quants(model)
+    }
+
+
+def set_observer_flags(model: nn.Module, flags: dict[str, tuple[bool, bool]]) -> None:
+    """Restore flags returned by :func:`observer_flags`."""
+    modules = dict(fake_quants(model))
+    for name, (observer_on, fake_quant_on) in flags.items():
+        if name in modules:
+            modules[name].enable_observer(observer_on)
+            modules[name].enable_fake_quant(fake_quant_on)
+
+
+def enable_observers(model: nn.Module, enabled: bool) -> None:
+    """Switch observer updates of every fake-quant module on or off."""
+    for _, module in fake_quants(model):
+        module.enable_observer(enabled)
+
+
+def enable_fake_quant(model: nn.Module, enabled: bool) -> None:
+    """Switch fake quantization of every fake-quant module on or off."""
+    for _, module in fake_quants(model):
+        module.enable_fake_quant(enabled)
+
+
+def freeze_bn_stats(model: nn.Module) -> None:
+    """Freeze the batch-norm running statistics of fused QAT Conv-BN / Linear-BN modules.
+
+    NOTE: a BatchNorm that was not fused keeps updating; fusion is what makes it freezable.
+    """
+    model.apply(nniqat.freeze_bn_stats)
+
+
+def observed_range(fake_quant: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Return the observer's ``(min_val, max_val)``, or None for an observer without a range."""
+    observer = getattr(fake_quant, "activation_post_process", None)
+    if observer is None or not hasattr(observer, "min_val"):
+        return None
+    return observer.min_val, observer.max_val
+
+
+def unobserved_fake_quants(model: nn.Module) -> list[str]:
+    """Return the names of fake-quant modules whose observer never saw a tensor."""
+    names = []
+    for name, module in fake_quants(model):
+        observed = observed_range(module)
+        if observed is not None and torch.isinf(observed[0]).all():
+            names.append(name)
+    return names
+
+
+def invalid_scales(model: nn.Module) -> list[str]:
+    """Return the names of fake-quant modules whose computed scale is NaN, infinite or zero."""
+    names = []
+    for name, module in fake_quants(model):
+        observed = observed_range(module)
+        if observed is None or torch.isinf(observed[0]).all():
+            continue
+        with _quiet():
+            scale, _ = module.calculate_qparams()
+        scale = scale.float()
+        if not torch.isfinite(scale).all() or (scale == 0).any():
+            names.append(name)
+    return names
+
+
+def is_quant_state_key(key: str) -> bool:
+    """Return True for state_dict keys of fake-quant and observer modules."""
+    parts = key.split(".")
+    return "activation_post_process" in parts or "weight_fake_quant" in parts
+
+
+# ----------------------------------------------------------------------------------------------
+# Padding-aware observation
+
+
+def _install_padding_hooks(fake_quant: Any) -> None:
+    """Make an activation fake-quant observe only real tokens while a padding mask is active.
+
+    With an active mask of shape (B, T) and an activation of shape (B, T, ...), the pre-hook runs
+    the observer once on ``x[mask]`` with fake quantization off, then turns the observer off for the
+    ordinary call, and the forward hook turns it back on. Other shapes observe everything.
+    """
+    state = {"inner_call": False, "reenable": False}
+
+    def pre_hook(module: Any, args: tuple[Any, ...]) -> None:
+        mask = padding.active_mask()
+        if mask is None or state["inner_call"] or not bool(module.observer_enabled[0]):
+            return
+        x = args[0]
+        if not isinstance(x, torch.Tensor) or x.dim() < 3 or tuple(x.shape[:2]) != tuple(mask.shape):
+            return
+        fake_quant_on = bool(module.fake_quant_enabled[0])
+        state["inner_call"] = True
+        try:
+            module.enable_fake_quant(False)
+            module(x[mask.to(device=x.device, dtype=torch.bool)])
+        finally:
+            module.enable_fake_quant(fake_quant_on)
+            state["inner_call"] = False
+        module.enable_observer(False)
+        state["reenable"] = True
+
+    def post_hook(module: Any, args: tuple[Any, ...], output: Any) -> None:
+        if state["reenable"] and not state["inner_call"]:
+            module.enable_observer(True)
+            state["reenable"] = False
+
+    fake_quant.register_forward_pre_hook(pre_hook)
+    fake_quant.register_forward_hook(post_hook)
+
+
+# ----------------------------------------------------------------------------------------------
+# Names for metadata
+
+
+def quantized_type_name(module: nn.Module) -> str:
+    """Return the qualified type name of a module, such as ``torch.ao.nn.quantized...Linear``."""
+    cls = type(module)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+QUANTIZED_TYPES = (nnq.Linear, nnq.Conv1d, nnq.Conv2d, nnqd.Linear, nnq.Embedding)
+QAT_TYPES = (nnqat.Linear, nnqat.Conv1d, nnqat.Conv2d, nnqat.Embedding, nnqatd.Linear)
