@@ -269,7 +269,9 @@ class DynamicQuantCallback(Callback):
                 pl_module.configure_model = wrapper
 
     def _save(self, trainer: pl.Trainer) -> None:
-        assert self.quantized_model is not None and self.artifact_dir is not None and self.preparation is not None
+        assert self.quantized_model is not None
+        assert self.artifact_dir is not None
+        assert self.preparation is not None
         artifacts.save_model(self.artifact_dir, self.quantized_model)
         metadata = artifacts.build_metadata(
             self.recipe,

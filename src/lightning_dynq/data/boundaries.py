@@ -98,6 +98,7 @@ def estimate_boundaries(
     multiple: int | None = None,
     sample_size: int | None = 100_000,
     seed: int = 0,
+    max_length: int | None = None,
 ) -> list[int]:
     """Estimate bucket boundaries from ``lengths`` with one of the :data:`BOUNDARY_STRATEGIES`.
 
@@ -111,6 +112,8 @@ def estimate_boundaries(
         sample_size: above this many lengths, estimate from a random sample of this size, seeded
             by ``seed``. The maximum length is always taken from all lengths. ``None`` uses all.
         seed: seed of the sample.
+        max_length: last boundary, when it must cover more than ``lengths`` (for example the
+            longest sequence of every split, while the other boundaries come from the train split).
 
     Raises:
         ValueError: unknown strategy, empty lengths, or ``ladder`` without ``multiple``.
@@ -119,7 +122,7 @@ def estimate_boundaries(
     if strategy not in BOUNDARY_STRATEGIES:
         raise ValueError(f"Unknown boundary strategy {strategy!r}; expected one of {BOUNDARY_STRATEGIES}.")
 
-    max_length = int(lengths.max())
+    max_length = max(int(lengths.max()), max_length or 0)
     if strategy == "ladder":
         if multiple is None:
             raise ValueError("The 'ladder' boundary strategy needs a step; set boundary_multiple (for example 16).")

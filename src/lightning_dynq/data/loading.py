@@ -143,7 +143,7 @@ def infer_label_names(splits: DatasetDict, label_column: str) -> list[str]:
 def encode_labels(splits: DatasetDict, label_column: str, label_names: list[str]) -> DatasetDict:
     """Cast a string label column to ``ClassLabel(label_names)`` so that labels become class ids."""
     first = next(iter(splits.values()))
-    if first.features[label_column].dtype != "string":
+    if first.features[label_column].dtype not in ("string", "large_string"):
         return splits
     return splits.cast_column(label_column, ClassLabel(names=label_names))
 

@@ -9,7 +9,6 @@ most calls since torch 2.9; the warnings are silenced inside these functions onl
 from __future__ import annotations
 
 import contextlib
-import logging
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -23,9 +22,7 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     import torch.ao.nn.intrinsic as nni
     import torch.ao.nn.intrinsic.qat as nniqat
-    import torch.ao.nn.qat as nnqat
     import torch.ao.nn.qat.dynamic as nnqatd
-    import torch.ao.nn.quantized as nnq
     import torch.ao.nn.quantized.dynamic as nnqd
     import torch.ao.quantization as tq
     from torch.ao.quantization.quantization_mappings import (
@@ -33,18 +30,13 @@ with warnings.catch_warnings():
         get_default_static_quant_module_mappings,
     )
 
-log = logging.getLogger(__name__)
-
-# Engines whose default QAT qconfig torch.ao.quantization.get_default_qat_qconfig knows (torch 2.13).
+# Engines whose default QAT qconfig torch.ao.quantization.get_default_qat_qconfig accepts (torch 2.13).
 QCONFIG_ENGINES = ("fbgemm", "x86", "qnnpack", "onednn")
 
 # Qconfig kinds a module can be given. "static" quantizes weights and activations ahead of time,
 # "dynamic" quantizes weights ahead of time and activations per batch at run time, and
 # "weight_only" is for embeddings: a per-row weight with float scale and zero point.
 QCONFIG_KINDS = ("static", "dynamic", "weight_only")
-
-# Dynamic quantization in torch.ao has kernels for Linear only.
-DYNAMIC_TYPES = (nn.Linear, nni.LinearReLU)
 
 
 @contextlib.contextmanager
@@ -53,6 +45,8 @@ def _quiet() -> Iterator[None]:
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.filterwarnings("ignore", message=".*reduce_range will be deprecated.*")
         warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*")
+        # Converting an artifact skeleton in load_quantized reads observers that never ran.
+        warnings.filterwarnings("ignore", message="must run observer before calling calculate_qparams")
         yield
 
 
@@ -364,6 +358,3 @@ def quantized_type_name(module: nn.Module) -> str:
     cls = type(module)
     return f"{cls.__module__}.{cls.__qualname__}"
 
-
-QUANTIZED_TYPES = (nnq.Linear, nnq.Conv1d, nnq.Conv2d, nnqd.Linear, nnq.Embedding)
-QAT_TYPES = (nnqat.Linear, nnqat.Conv1d, nnqat.Conv2d, nnqat.Embedding, nnqatd.Linear)

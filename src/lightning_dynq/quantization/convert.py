@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import copy
-import logging
 from typing import Any
 
 from torch import nn
 
 from lightning_dynq.quantization import backend
 from lightning_dynq.quantization.prepare import boundaries
-
-log = logging.getLogger(__name__)
 
 
 def check_ready_to_convert(model: nn.Module) -> None:

@@ -106,6 +106,7 @@ def prepare_model(
         set_submodule(model, name, backend.wrap_for_qat(module, kind, qconfig))
         preparation.quantized[name] = kind
 
+    log.debug("%s", preparation.summary())
     return preparation
 
 
@@ -168,8 +169,8 @@ def _choose_kind(
                 return None, f"override {pattern!r}"
             if is_embedding:
                 return "weight_only", f"override {pattern!r}"
-            if kind == "dynamic" and base_type is not nn.Linear:
-                return None, "dynamic quantization has Linear kernels only"
+            if kind == "dynamic" and type(module) is not nn.Linear:
+                return None, "dynamic quantization has kernels for unfused Linear only"
             return kind, f"override {pattern!r}"
 
     if is_embedding:
@@ -183,8 +184,8 @@ def _choose_kind(
             return None, f"exclude {pattern!r}"
     if recipe.include is not None and not any(fnmatch.fnmatchcase(name, p) for p in recipe.include):
         return None, "no include pattern matches"
-    if recipe.mode == "dynamic" and base_type is not nn.Linear:
-        return None, "dynamic quantization has Linear kernels only"
+    if recipe.mode == "dynamic" and type(module) is not nn.Linear:
+        return None, "dynamic quantization has kernels for unfused Linear only"
     return recipe.mode, ""
 
 
@@ -214,7 +215,8 @@ def _fusion_groups(model: nn.Module, recipe: QuantRecipe) -> list[list[str]]:
             )
         if backend.fused_base_type(modules[group[0]]) is None and not _inside_boundary(model, group[0]):
             groups.append(group)
-    if recipe.fuse:
+    # Dynamic quantization has no fused kernels, so only static mode fuses automatically.
+    if recipe.fuse and recipe.mode == "static":
         for name, module in modules.items():
             if isinstance(module, nn.Sequential) and not _inside_boundary(model, name):
                 groups.extend(_sequential_groups(name, module))

@@ -1,6 +1,6 @@
 """Quantization recipe: which modules to quantize, how, and when fake quantization starts.
 
-The recipe only holds and validates settings; :mod:`.prepare` and :mod:`.convert` apply it.
+The recipe only stores and validates settings, and :mod:`.prepare` and :mod:`.convert` apply it.
 Every field is a plain type (str, int, bool, list, dict) so it can be set from LightningCLI YAML,
 except that ``qconfig`` also accepts a ``torch.ao.quantization.QConfig`` object in Python.
 """
@@ -138,7 +138,7 @@ class QuantRecipe:
         for pattern, kind in self.overrides.items():
             if kind is not None and kind not in MODES:
                 raise ValueError(
-                    f"Invalid override {pattern!r}: {kind!r}: expected one of {list(MODES)}, or None to keep float."
+                    f"Invalid overrides entry {pattern!r}: {kind!r}: expected one of {list(MODES)}, or None to keep float."
                 )
         self.fuse_groups = [_string_list(group, "fuse_groups entry") for group in self.fuse_groups]
         for group in self.fuse_groups:

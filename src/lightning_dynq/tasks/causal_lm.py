@@ -112,6 +112,9 @@ class CausalLM(pl.LightningModule):
 
         load_options = {"gguf_file": self.gguf_file} if self.gguf_file else {}
         self.model = AutoModelForCausalLM.from_pretrained(self.model_location, **load_options)
+        # from_pretrained returns the model in eval mode, and Lightning (2.2 and later) keeps the
+        # mode it finds, so without this dropout would stay off and QAT preparation would fail.
+        self.model.train()
         self._tokenizer: Any = None
 
         self.val_perplexity = TokenPerplexity()
