@@ -18,6 +18,7 @@ Use them from a DataModule configuration as ``dataset: examples/text_corpora.py:
 from __future__ import annotations
 
 import ast
+import functools
 import importlib.util
 import re
 import sys
@@ -34,8 +35,12 @@ _TEST_FOLDERS = {"test", "tests", "idle_test", "__pycache__"}
 FORTUNES_FOLDER = Path("/usr/share/games/fortunes")
 
 
+@functools.lru_cache(maxsize=4)
 def load_stdlib_docstrings(test_percent: int = 10, min_words: int = 8) -> DatasetDict:
     """Read the docstring paragraphs of the standard library and split them into ``train`` and ``test``.
+
+    Parsing the library takes a few seconds, so the result is cached per process: a Trainer
+    loads the data again for every stage it runs (fit, then test of fake quant and of int8).
 
     Module, class and function docstrings are split at blank lines. A paragraph with a doctest
     (``>>>``) or fewer than ``min_words`` words is dropped, so is a paragraph seen before (many

@@ -18,10 +18,12 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
+from lightning_dynq import reporting
 from lightning_dynq.quantization import artifacts, backend, padding
 from lightning_dynq.quantization.convert import convert_copy, quantized_modules
 from lightning_dynq.quantization.prepare import Preparation, boundaries, check_patterns, prepare_model, set_submodule
 from lightning_dynq.quantization.recipe import MODULE_TYPE_NAMES, QuantRecipe
+from lightning_dynq.tasks.common import split_batch
 
 # Strategies that shard parameters, which eager-mode module swapping cannot follow.
 _REJECTED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")
@@ -281,7 +283,16 @@ class DynamicQuantCallback(Callback):
             getattr(trainer.datamodule, "bucket_boundaries", None),
         )
         artifacts.write_json(self.artifact_dir / artifacts.METADATA_FILE, metadata)
+        self._publish_report(trainer)
+
+    def _publish_report(self, trainer: pl.Trainer) -> None:
+        """Write ``report.json``, ``report.md`` and ``report.png`` and log the report's numbers (rank zero)."""
+        assert self.artifact_dir is not None
         artifacts.write_json(self.artifact_dir / artifacts.REPORT_FILE, self.report)
+        reporting.write_report_files(self.artifact_dir, self.report)
+        for logger in trainer.loggers:
+            logger.log_metrics(reporting.flatten_report(self.report), step=trainer.global_step)
+            logger.save()
 
     # ------------------------------------------------------------------------------------------
     # Test metrics: fake-quant and int8
@@ -291,7 +302,7 @@ class DynamicQuantCallback(Callback):
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test_")}
         self.report["int8" if self._int8_active else "fake_quant"] = split_bucket_metrics(metrics)
         if trainer.is_global_zero and self.artifact_dir is not None:
-            artifacts.write_json(self.artifact_dir / artifacts.REPORT_FILE, self.report)
+            self._publish_report(trainer)
 
     @contextlib.contextmanager
     def int8_swapped(self, pl_module: pl.LightningModule) -> Iterator[pl.LightningModule]:
@@ -345,8 +356,40 @@ class DynamicQuantCallback(Callback):
         trainer.test(pl_module, datamodule=datamodule, verbose=False)
         with self.int8_swapped(pl_module):
             trainer.test(pl_module, datamodule=datamodule, verbose=False)
+        if trainer.is_global_zero:
+            self._measure_latency(pl_module, datamodule)
+            if self.artifact_dir is not None:
+                self._publish_report(trainer)
         rank_zero_info(format_report(self.report))
         return self.report
+
+    def _measure_latency(self, pl_module: pl.LightningModule, datamodule: Any) -> None:
+        """Time the float and int8 forward on the largest test batch of each bucket, into the report."""
+        batches = reporting.largest_batch_per_bucket(datamodule.test_dataloader())
+        flags = backend.observer_flags(pl_module)
+        was_training = pl_module.training
+        pl_module.eval()
+        latency: dict[str, dict[str, float]] = {"fp32": {}, "int8": {}}
+        try:
+            for bucket, batch in batches.items():
+                inputs, _ = split_batch(dict(batch))
+                inputs.pop("labels", None)
+                with torch.inference_mode():
+                    backend.enable_fake_quant(pl_module, False)
+                    backend.enable_observers(pl_module, False)
+                    latency["fp32"][bucket] = reporting.median_latency_ms(lambda: pl_module(**inputs))
+                    with self.int8_swapped(pl_module):
+                        latency["int8"][bucket] = reporting.median_latency_ms(lambda: pl_module(**inputs))
+                if isinstance(inputs.get("input_ids"), torch.Tensor):
+                    self.report.setdefault("bucket_shapes", {})[bucket] = list(inputs["input_ids"].shape)
+        except TypeError as error:
+            # A forward that does not take the batch's tensors as keyword arguments cannot be timed here.
+            rank_zero_info(f"DynamicQuantCallback: latency not measured, forward(**batch) failed: {error}")
+            return
+        finally:
+            backend.set_observer_flags(pl_module, flags)
+            pl_module.train(was_training)
+        self.report["latency_ms"] = latency
 
 
 def split_bucket_metrics(metrics: dict[str, float]) -> dict[str, Any]:

@@ -70,14 +70,18 @@ def data_report_main(argv: list[str]) -> None:
     print(format_data_report(datamodule))
 
 
-def main(args: list[str] | None = None) -> None:
-    """Run the ``lightning-dynq`` command with ``args`` (default: the process arguments)."""
+def main(args: list[str] | None = None) -> DynqCLI | None:
+    """Run the ``lightning-dynq`` command with ``args`` (default: the process arguments).
+
+    Returns the finished :class:`DynqCLI`, whose ``trainer`` holds the callbacks and their
+    results, or ``None`` for ``data-report``.
+    """
     argv = sys.argv[1:] if args is None else list(args)
     if argv and argv[0] == DATA_REPORT_COMMAND:
         data_report_main(argv[1:])
-        return
+        return None
 
-    DynqCLI(
+    return DynqCLI(
         pl.LightningModule,
         BucketingDataModule,
         subclass_mode_model=True,
@@ -87,5 +91,10 @@ def main(args: list[str] | None = None) -> None:
     )
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """Entry point of the ``lightning-dynq`` console script, which exits with status 0 on success."""
     main()
+
+
+if __name__ == "__main__":
+    run()

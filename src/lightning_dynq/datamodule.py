@@ -36,7 +36,7 @@ from lightning_dynq.data.loading import (
 )
 from lightning_dynq.data.plan import TAIL_POLICIES, TailPolicy, batch_sizes_for_buckets, fingerprint_plan_inputs
 from lightning_dynq.data.report import bucket_table, format_data_report, padding_statistics, random_batches
-from lightning_dynq.data.sampler import BucketBatchSampler, TrainProgress
+from lightning_dynq.data.sampler import BucketBatchSampler, BucketDataLoader, TrainProgress
 
 OverflowPolicy = Literal["truncate", "drop", "error"]
 OVERFLOW_POLICIES = ("truncate", "drop", "error")
@@ -64,7 +64,7 @@ class BucketingDataModule(LightningDataModule):
         dataset: Hub dataset name, ``"path/to/loader.py:function"`` or ``"package.module:function"``
             returning a ``Dataset``/``DatasetDict``, or (in Python) a ``Dataset``, ``DatasetDict`` or function.
         data_files: local csv, tsv, json, jsonl, parquet or txt files, format from the extension. A
-            single file or list is the train split; a dict maps split names to files.
+            single file or list is the train split, and a dict maps split names to files.
         dataset_config_name: configuration of a Hub dataset.
         task: ``"classification"`` (labels are class ids) or ``"language_modeling"`` (labels are
             ``input_ids`` with padding set to -100).
@@ -80,7 +80,8 @@ class BucketingDataModule(LightningDataModule):
         min_bucket_examples: estimated buckets with fewer training examples merge into a neighbour
             (default ``batch_size``). Explicit ``bucket_boundaries`` are kept as given.
         batch_size: training examples per batch.
-        eval_batch_size: examples per validation, test and predict batch (default ``batch_size``).
+        eval_batch_size: examples per validation, test and predict batch. Default: sized like
+            training batches, from ``batch_size`` or ``max_tokens`` (``bucket_batch_sizes`` is training only).
         max_tokens: size training batches by padded tokens instead: each bucket gets the largest
             batch with ``batch size x bucket max length <= max_tokens``.
         bucket_batch_sizes: explicit training batch size of each bucket, overriding both.
@@ -188,7 +189,7 @@ class BucketingDataModule(LightningDataModule):
         self.boundary_multiple = boundary_multiple
         self.min_bucket_examples = min_bucket_examples if min_bucket_examples is not None else batch_size
         self.batch_size = batch_size
-        self.eval_batch_size = eval_batch_size or batch_size
+        self.eval_batch_size = eval_batch_size
         self.max_tokens = max_tokens
         self.bucket_batch_sizes = bucket_batch_sizes
         self.pad_to_multiple_of = pad_to_multiple_of
@@ -292,18 +293,29 @@ class BucketingDataModule(LightningDataModule):
             self._check_plans_match_across_ranks()
 
     def _splits_for_stage(self, stage: str | None) -> list[str]:
-        by_stage = {
-            "fit": [self.train_split, self.validation_split],
+        """Return the splits ``stage`` uses. Validation is optional for ``fit``, and ``None`` means every split."""
+        if stage is None:
+            candidates = [self.train_split, self.validation_split, self.test_split, self.predict_split]
+            return [split for split in dict.fromkeys(candidates) if split in self.raw_splits]
+
+        required_by_stage = {
+            "fit": [self.train_split],
             "validate": [self.validation_split],
             "test": [self.test_split],
             "predict": [self.predict_split],
         }
-        wanted = by_stage.get(stage, [*by_stage["fit"], self.test_split]) if stage else [*by_stage["fit"], self.test_split]
-        required = set(by_stage.get(stage, [self.train_split])) - {self.validation_split}
-        missing = [s for s in required if s not in self.raw_splits]
+        if stage not in required_by_stage:
+            raise ValueError(f"Unknown stage {stage!r}; expected one of {sorted(required_by_stage)} or None.")
+        required = required_by_stage[stage]
+        missing = [split for split in required if split not in self.raw_splits]
         if missing:
-            raise ValueError(f"Split(s) {missing} needed for stage {stage!r} not found; the dataset has {list(self.raw_splits)}.")
-        return [s for s in wanted if s in self.raw_splits]
+            raise ValueError(
+                f"Split {missing[0]!r} needed for stage {stage!r} not found; the dataset has splits "
+                f"{list(self.raw_splits)}. Set the matching *_split argument."
+            )
+
+        optional = [self.validation_split] if stage == "fit" and self.validation_split in self.raw_splits else []
+        return required + optional
 
     def _tokenized_split(self, split: str) -> Dataset:
         if split not in self._tokenized:
@@ -366,9 +378,12 @@ class BucketingDataModule(LightningDataModule):
 
     @property
     def bucket_boundaries(self) -> list[int]:
-        """Maximum token count of each bucket (available after :meth:`setup`)."""
+        """Maximum token count of each bucket (available after :meth:`setup`).
+
+        Raises ``AttributeError`` before ``setup()``, so ``getattr(datamodule, "bucket_boundaries", None)`` works.
+        """
         if self._boundaries is None:
-            raise RuntimeError("bucket_boundaries is set by setup(); call setup() first.")
+            raise AttributeError("bucket_boundaries is set by setup(); call setup() first.")
         return list(self._boundaries)
 
     @property
@@ -395,7 +410,7 @@ class BucketingDataModule(LightningDataModule):
         """Return the batch sampler of ``split``; ``num_replicas``/``rank`` override the detected world."""
         self._prepare_split(split)
         training = split == self.train_split
-        sizes = self._train_batch_sizes if training else [self.eval_batch_size] * len(self.bucket_boundaries)
+        sizes = self._train_batch_sizes if training else self._eval_batch_sizes()
         return BucketBatchSampler(
             buckets=self._buckets[split],
             lengths=token_lengths(self._tokenized[split]),
@@ -409,10 +424,16 @@ class BucketingDataModule(LightningDataModule):
             progress=self.progress if training else None,
         )
 
+    def _eval_batch_sizes(self) -> list[int]:
+        """Use ``eval_batch_size`` when given, otherwise size evaluation batches like training batches."""
+        if self.eval_batch_size is not None:
+            return [self.eval_batch_size] * len(self.bucket_boundaries)
+        return batch_sizes_for_buckets(self.bucket_lengths, self.batch_size, self.max_tokens)
+
     def dataloader(self, split: str, num_replicas: int | None = None, rank: int | None = None) -> DataLoader:
         """Return a ``DataLoader`` over ``split`` with this module's batch sampler and collator."""
         sampler = self.batch_sampler(split, num_replicas, rank)
-        return DataLoader(
+        return BucketDataLoader(
             BucketedSplit(self._tokenized[split], self._buckets[split]),
             batch_sampler=sampler,
             collate_fn=self.collator,
@@ -443,6 +464,11 @@ class BucketingDataModule(LightningDataModule):
         includes the batches already handed to the model and never the prefetched ones. A
         checkpoint written in ``on_train_batch_end`` or after validation therefore stores exactly
         the number of finished batches.
+
+        NOTE: a checkpoint written while a training step is still running (for example by
+        ``OnExceptionCheckpoint``) counts that step as finished, so a resume skips its batch.
+        A task module that also overrides ``on_after_batch_transfer`` is bypassed: Lightning
+        (2.6) then calls only the DataModule's hook.
         """
         trainer = self.trainer
         if trainer is not None and trainer.training and not trainer.sanity_checking:
@@ -480,7 +506,7 @@ def data_report(datamodule: BucketingDataModule, num_replicas: int = 1) -> dict[
 
     Calls ``setup()`` if needed. For each split: examples and tokens per bucket, steps per epoch
     (per rank, for ``num_replicas`` ranks), distinct batch shapes, and the real-token share of
-    the padded batches compared with random batches of the same nominal batch size. For the train
+    the padded batches compared with random batches of the same mean batch size. For the train
     split the plan is the one of epoch 0. Format it with :func:`format_data_report`.
     """
     if datamodule._boundaries is None or not datamodule._buckets:
@@ -500,7 +526,7 @@ def data_report(datamodule: BucketingDataModule, num_replicas: int = 1) -> dict[
         batches = [batch for step in steps for batch in step]
         kept = buckets >= 0
 
-        random_size = datamodule.batch_size if split == datamodule.train_split else datamodule.eval_batch_size
+        random_size = max(1, round(int(kept.sum()) / max(len(batches), 1)))
         baseline = random_batches(int(kept.sum()), random_size, datamodule.seed)
         kept_rows = np.flatnonzero(kept)
         baseline = [kept_rows[batch] for batch in baseline]

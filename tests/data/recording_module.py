@@ -1,4 +1,4 @@
-"""A tiny classifier that records every batch it sees, for Trainer-level tests of the DataModule."""
+"""A tiny classifier that records every batch it receives, for Trainer-level tests of the DataModule."""
 
 from __future__ import annotations
 

@@ -24,7 +24,7 @@ def test_quantile_boundaries_equal_counts():
     counts = np.bincount(assign_buckets(lengths, boundaries))
     assert len(boundaries) == 4
     assert boundaries[-1] == lengths.max()
-    # Ties at integer lengths keep the split from being exact; each bucket holds 25 % +- 5 points.
+    # Ties at integer lengths make the split inexact, so each bucket gets 25 % +- 5 points.
     assert np.all(np.abs(counts / len(lengths) - 0.25) < 0.05), counts
 
 

@@ -28,13 +28,14 @@ from lightning_dynq.data.plan import (
     encode_filler,
     fingerprint_plan_inputs,
 )
-from lightning_dynq.data.sampler import BucketBatchSampler, EpochSampler, TrainProgress
+from lightning_dynq.data.sampler import BucketBatchSampler, BucketDataLoader, EpochSampler, TrainProgress
 
 __all__ = [
     "BOUNDARY_STRATEGIES",
     "EXTRA_KEYS",
     "IGNORE_INDEX",
     "BucketBatchSampler",
+    "BucketDataLoader",
     "BucketCollator",
     "BucketedSplit",
     "EpochSampler",

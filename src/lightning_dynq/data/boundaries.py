@@ -1,6 +1,6 @@
 """Bucket boundaries: estimate them from sequence lengths and assign each example to a bucket.
 
-A boundary list ``[b_0, b_1, ..., b_{k-1}]`` is strictly increasing. Bucket ``i`` holds the
+A boundary list ``[b_0, b_1, ..., b_{k-1}]`` is strictly increasing. Bucket ``i`` contains the
 examples with ``b_{i-1} < length <= b_i`` (``b_{-1} = 0``), so ``b_i`` is the longest sequence the
 bucket can contain. A length above ``b_{k-1}`` is an overflow, assigned the bucket index ``k``.
 """

@@ -15,7 +15,7 @@ from lightning_dynq.data.plan import decode_rows
 Task = Literal["classification", "language_modeling"]
 TASKS = ("classification", "language_modeling")
 
-# Keys a batch carries besides the model inputs; task modules remove them before calling the model.
+# Metadata keys of a batch, besides the model inputs. Task modules remove them before calling the model.
 EXTRA_KEYS = ("bucket", "example_index", "valid")
 
 # Label value that Hugging Face models and `torch.nn.CrossEntropyLoss` ignore.

@@ -31,7 +31,7 @@ FILE_BUILDERS: dict[str, tuple[str, dict[str, Any]]] = {
     ".txt": ("text", {}),
 }
 
-# Token lengths by dataset fingerprint; a fingerprint changes with every transform of the data.
+# Token lengths by dataset fingerprint. `datasets` gives every transformed dataset a new fingerprint.
 _LENGTH_CACHE: dict[str, np.ndarray] = {}
 
 

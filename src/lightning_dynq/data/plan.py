@@ -40,10 +40,10 @@ def batch_sizes_for_buckets(
 ) -> list[int]:
     """Return the batch size of every bucket.
 
-    Exactly one of the three sources is used, in this order: ``bucket_batch_sizes`` (one per
-    bucket), ``max_tokens`` (the largest batch whose padded size ``batch size x padded length``
-    fits, with the bucket's longest possible padded length, so a batch never exceeds it), or the
-    fixed ``batch_size``.
+    The first source given wins: ``bucket_batch_sizes`` (one per bucket), then ``max_tokens``,
+    then the fixed ``batch_size``. With ``max_tokens``, a bucket gets the largest batch size for
+    which ``batch size x padded length <= max_tokens`` at the bucket's longest padded length, so
+    no batch of that bucket exceeds ``max_tokens``.
 
     Raises:
         ValueError: no source is given, a size is below 1, or the list has the wrong length.
@@ -83,9 +83,9 @@ def build_train_plan(
     both from a generator seeded by ``(seed, epoch)``.
 
     Args:
-        buckets: bucket index of every row; rows with a negative index are left out.
+        buckets: bucket index of every row. Rows with a negative index are left out.
         batch_sizes: batch size of every bucket.
-        seed: base seed; the same seed, epoch and inputs give the same plan.
+        seed: base seed. The same seed, epoch and inputs give the same plan.
         epoch: epoch number, mixed into the seed.
         num_replicas: number of ranks.
         tail: when a bucket's batch count is not a multiple of ``num_replicas``, ``"pad"`` adds

@@ -20,7 +20,7 @@ def padding_statistics(
 
     Args:
         lengths: token count of every row.
-        batches: encoded rows of each batch; filler duplicates count as padding.
+        batches: encoded rows of each batch. Filler duplicates count as padding.
         padded_length: ``(longest, bucket) -> padded length``, as the collator computes it.
         buckets: bucket index of every row.
 
@@ -67,8 +67,15 @@ def bucket_table(lengths: np.ndarray, buckets: np.ndarray, boundaries: Sequence[
     return table
 
 
-def format_data_report(report: dict[str, Any]) -> str:
-    """Render a :func:`lightning_dynq.datamodule.data_report` dict as a plain-text table."""
+def format_data_report(report: dict[str, Any] | Any) -> str:
+    """Render a :func:`lightning_dynq.datamodule.data_report` dict as a plain-text table.
+
+    ``report`` may also be an object with a ``report()`` method returning that dict, such as a
+    ``BucketingDataModule``. Its report is built first.
+    """
+    if not isinstance(report, dict):
+        report = report.report()
+
     lines = [
         f"bucket boundaries: {report['bucket_boundaries']}",
         f"overflow ({report['overflow_policy']}): {report['overflow']}",

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch.distributed as dist
-from torch.utils.data import BatchSampler, DistributedSampler, Sampler
+from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, Sampler
 
 from lightning_dynq.data.plan import TailPolicy, build_eval_plan, build_train_plan
 
@@ -67,7 +67,7 @@ class EpochSampler(Sampler[int]):
 class BucketBatchSampler(BatchSampler):
     """Yield the batches of one rank from a bucket plan (see :mod:`lightning_dynq.data.plan`).
 
-    Training plans (``shuffle=True``) are reshuffled every epoch from ``(seed, epoch)``; evaluation
+    Training plans (``shuffle=True``) are reshuffled every epoch from ``(seed, epoch)``, and evaluation
     plans are sorted by length. On ``N`` ranks, each rank yields the same number of batches and
     step ``i`` comes from the same bucket on every rank.
 
@@ -82,7 +82,7 @@ class BucketBatchSampler(BatchSampler):
         sampler: ``DistributedSampler`` to read the rank and the epoch from, or ``None``.
         batch_size: nominal batch size (the largest per-bucket size), kept for the ``BatchSampler`` interface.
         drop_last: in training, drop the incomplete last batch of every bucket.
-        buckets: bucket index of every row; negative indices are left out.
+        buckets: bucket index of every row. Negative indices are left out.
         lengths: token count of every row, for sorting evaluation batches.
         bucket_batch_sizes: batch size of every bucket.
         shuffle: ``True`` for a training plan, ``False`` for a sorted evaluation plan.
@@ -177,3 +177,28 @@ class BucketBatchSampler(BatchSampler):
 
     def __len__(self) -> int:
         return len(self.plan())
+
+
+class BucketDataLoader(DataLoader):
+    """A ``DataLoader`` whose position in the training plan can be saved and restored.
+
+    ``state_dict`` and ``load_state_dict`` read and set the :class:`TrainProgress` of its
+    :class:`BucketBatchSampler`. Lightning (2.6) saves them with the fit loop for stateful
+    loaders, and recognises the loader as resumable mid-epoch. The owner must count finished
+    batches in ``progress.batches_consumed``, because iterating the loader runs ahead of training
+    (prefetching and workers).
+    """
+
+    def _progress(self) -> TrainProgress | None:
+        return getattr(self.batch_sampler, "progress", None)
+
+    def state_dict(self) -> dict[str, int]:
+        progress = self._progress()
+        if progress is None:
+            return {}
+        return {"epoch": progress.epoch, "batches_consumed": progress.batches_consumed}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        progress = self._progress()
+        if progress is not None and state_dict:
+            progress.resume_from(int(state_dict["epoch"]), int(state_dict["batches_consumed"]))

@@ -197,10 +197,14 @@ def wrap_for_qat(module: nn.Module, kind: str, qconfig: Any) -> QuantBoundary:
     trains exactly the parameters that the fake-quant forward uses.
     """
     boundary = QuantBoundary(module, kind)
-    boundary.train(module.training)
     boundary.qconfig = qconfig
+    was_training = module.training
+    # prepare_qat accepts only modules in training mode, while Hugging Face models come out of
+    # from_pretrained in eval mode; the original mode is restored afterwards.
+    boundary.train()
     with _quiet():
         tq.prepare_qat(boundary, mapping=_qat_mapping(kind), inplace=True)
+    boundary.train(was_training)
     for fake_quant in activation_fake_quants(boundary):
         _install_padding_hooks(fake_quant)
     return boundary

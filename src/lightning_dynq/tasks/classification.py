@@ -64,6 +64,9 @@ class TextClassifier(pl.LightningModule):
         self.model = AutoModelForSequenceClassification.from_pretrained(
             resolve_path(model_name_or_path), num_labels=num_labels
         )
+        # from_pretrained returns the model in eval mode, and Lightning keeps each submodule's
+        # mode, so dropout would stay off during fine-tuning without this call.
+        self.model.train()
 
         self.val_accuracy = MulticlassAccuracy(num_classes=num_labels)
         self.val_f1 = MulticlassF1Score(num_classes=num_labels, average="macro")
