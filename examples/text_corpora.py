@@ -28,7 +28,7 @@ from pathlib import Path
 
 from datasets import Dataset, DatasetDict
 
-# Folders of the standard library that hold test suites: their docstrings describe test cases,
+# Folders of the standard library that contain test suites: their docstrings describe test cases,
 # not the library, and some of their files are deliberately invalid Python.
 _TEST_FOLDERS = {"test", "tests", "idle_test", "__pycache__"}
 
@@ -75,7 +75,7 @@ def load_stdlib_docstrings(test_percent: int = 10, min_words: int = 8) -> Datase
 def load_fortunes(test_percent: int = 10, min_words: int = 8) -> DatasetDict:
     """Read the quotations of the Debian ``fortunes`` package and split them into ``train`` and ``test``.
 
-    Each fortune file holds quotations separated by lines with a single ``%``. Files under
+    Each fortune file contains quotations separated by lines with a single ``%``. Files under
     ``off/`` (the offensive collection of ``fortunes-off``) are not read.
 
     Args:

@@ -240,9 +240,11 @@ class DynamicQuantCallback(Callback):
                 "was not reached), so the int8 model was not trained with quantization noise. Lower fake_quant_start."
             )
         if not self._schedule_state["observers_frozen"]:
-            rank_zero_warn(
-                "DynamicQuantCallback: converting with observers still enabled, so the int8 ranges follow the last "
-                "training batches. Set freeze_observers_at (for example to the last epoch) to fine-tune with fixed ranges."
+            # Converting with live moving-average observers is the standard QAT recipe, so this is
+            # information, not a warning.
+            rank_zero_info(
+                "DynamicQuantCallback: observers were still enabled, so the int8 ranges are the moving averages up to "
+                "the last training batch. Set freeze_observers_at to train the last steps with fixed ranges."
             )
 
         self.quantized_model = self._convert(trainer, pl_module)

@@ -127,7 +127,7 @@ class CausalLM(pl.LightningModule):
             self.bucket_perplexity = nn.ModuleList(TokenPerplexity() for _ in range(buckets))
 
     def forward(self, **inputs: torch.Tensor) -> torch.Tensor:
-        # The key-value cache only speeds up generation; in a full forward pass it costs memory.
+        # The key-value cache only speeds up generation. In a full forward pass it only costs memory.
         return self.model(**inputs, use_cache=False).logits
 
     def token_losses(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
@@ -183,7 +183,7 @@ class CausalLM(pl.LightningModule):
         self.log("test_tokens", result["tokens"].float())
         self.test_perplexity.reset()
 
-        # Every rank computes every bucket, so the metric synchronisation stays collective; a
+        # Every rank computes every bucket, so the metric synchronisation stays collective. A
         # bucket without test tokens is left out instead of being logged as NaN.
         for bucket, perplexity in enumerate(self.bucket_perplexity):
             result = perplexity.compute()
