@@ -8,22 +8,32 @@ evaluation loops, convert and save when fitting ends, and record test metrics.
 from __future__ import annotations
 
 import contextlib
+import io
+import random
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
+import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from lightning_dynq import reporting
 from lightning_dynq.quantization import artifacts, backend, padding
-from lightning_dynq.quantization.convert import convert_copy, quantized_modules
+from lightning_dynq.quantization.convert import check_ready_to_convert, convert_copy, quantized_modules
 from lightning_dynq.quantization.prepare import Preparation, boundaries, check_patterns, prepare_model, set_submodule
 from lightning_dynq.quantization.recipe import MODULE_TYPE_NAMES, QuantRecipe
 from lightning_dynq.tasks.common import split_batch
+
+# Key of the quantization plan that DynamicQuantCallback adds to Lightning checkpoints.
+QAT_CHECKPOINT_KEY = "lightning_dynq_qat"
+
+# Hooks the callback replaces on the LightningModule instance while it runs.
+_HOOK_WRAPPERS = ("configure_model", "on_load_checkpoint")
 
 # Strategies that shard parameters, which eager-mode module swapping cannot follow.
 _REJECTED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")
@@ -53,6 +63,9 @@ class DynamicQuantCallback(Callback):
         freeze_bn_stats_at: when fused batch-norm statistics stop updating; None: never.
         mask_key: key of the padding mask in dict batches, so activation observers skip padding.
         output_dir: folder for the int8 artifact; default ``trainer.log_dir/int8``.
+        restore_rng_state: save the Python, NumPy and torch (CPU and CUDA) random states in
+            checkpoints and restore them at the first training batch after ``fit(ckpt_path=...)``,
+            so dropout continues with the masks of an uninterrupted run. Default True.
 
     Raises:
         ValueError, TypeError: an invalid argument, named in the message with the allowed values.
@@ -82,6 +95,7 @@ class DynamicQuantCallback(Callback):
         freeze_bn_stats_at: int | str | None = None,
         mask_key: str | None = "attention_mask",
         output_dir: str | None = None,
+        restore_rng_state: bool = True,
     ) -> None:
         super().__init__()
         self.recipe = QuantRecipe(
@@ -101,6 +115,7 @@ class DynamicQuantCallback(Callback):
             mask_key=mask_key,
         )
         self.output_dir = None if output_dir is None else Path(output_dir)
+        self.restore_rng_state = restore_rng_state
         self.quantized_model: torch.nn.Module | None = None
         self.artifact_dir: Path | None = None
         self.report: dict[str, Any] = {}
@@ -111,12 +126,18 @@ class DynamicQuantCallback(Callback):
         self._saved_flags: dict[str, tuple[bool, bool]] | None = None
         self._int8_active = False
         self._original_configure_model: Any = None
+        self._pending_rng_state: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------------------------------
     # Preparation
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
+            # validate/test/predict run the module as it is (float before fit, fake-quant after).
+            # A QAT checkpoint given as ckpt_path is loaded after setup, so the module is prepared
+            # from the plan stored in that checkpoint, just before its state_dict is loaded.
+            if not boundaries(pl_module):
+                self._wrap_on_load_checkpoint(pl_module)
             return
         strategy_name = type(trainer.strategy).__name__
         if strategy_name in _REJECTED_STRATEGIES:
@@ -148,8 +169,19 @@ class DynamicQuantCallback(Callback):
 
         pl_module.configure_model = configure_model
 
+    def _wrap_on_load_checkpoint(self, pl_module: pl.LightningModule) -> None:
+        original = pl_module.on_load_checkpoint
+
+        def on_load_checkpoint(checkpoint: dict[str, Any]) -> None:
+            original(checkpoint)
+            if QAT_CHECKPOINT_KEY in checkpoint and not boundaries(pl_module):
+                self.preparation = prepare_from_checkpoint(pl_module, checkpoint, self.recipe)
+
+        pl_module.on_load_checkpoint = on_load_checkpoint
+
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         padding.set_active_mask(None)
+        pl_module.__dict__.pop("on_load_checkpoint", None)
 
     # ------------------------------------------------------------------------------------------
     # Schedule and padding mask during training
@@ -158,6 +190,11 @@ class DynamicQuantCallback(Callback):
         self._apply_schedule(trainer, pl_module, force=True)
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        if self._pending_rng_state is not None:
+            # Restored here, not in load_state_dict, because creating the dataloader iterators
+            # and the sanity check between loading and the first batch draw random numbers.
+            _set_rng_state(self._pending_rng_state)
+            self._pending_rng_state = None
         self._apply_schedule(trainer, pl_module)
         key = self.recipe.mask_key
         if key is not None and isinstance(batch, Mapping) and isinstance(batch.get(key), torch.Tensor):
@@ -165,6 +202,10 @@ class DynamicQuantCallback(Callback):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         padding.set_active_mask(None)
+        if trainer.world_size > 1 and dist.is_available() and dist.is_initialized():
+            # Every rank observed only its own batch; combine the ranges so that all ranks (and the
+            # int8 model rank 0 converts) use the ranges of the global batch.
+            backend.sync_observed_ranges(pl_module)
 
     def _apply_schedule(self, trainer: pl.Trainer, pl_module: pl.LightningModule, force: bool = False) -> None:
         schedule = self.recipe.schedule
@@ -196,12 +237,28 @@ class DynamicQuantCallback(Callback):
             state["bn_frozen"] = True
 
     def state_dict(self) -> dict[str, Any]:
-        return {**self._schedule_state, "fake_quant_ever_enabled": self._fake_quant_ever_enabled}
+        state = {**self._schedule_state, "fake_quant_ever_enabled": self._fake_quant_ever_enabled}
+        if self.restore_rng_state:
+            state["rng_state"] = _get_rng_state()
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._fake_quant_ever_enabled = bool(state_dict["fake_quant_ever_enabled"])
         for key in self._schedule_state:
             self._schedule_state[key] = state_dict[key]
+        if self.restore_rng_state and state_dict.get("rng_state") is not None:
+            self._pending_rng_state = state_dict["rng_state"]
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        # The plan lets load_qat_checkpoint and trainer.validate/test/predict(ckpt_path=...) prepare
+        # a fresh module before loading the fake-quant state.
+        if self.preparation is not None:
+            checkpoint[QAT_CHECKPOINT_KEY] = {
+                "format_version": 1,
+                "recipe": self.recipe.to_dict(),
+                "plan": dict(self.preparation.quantized),
+                "fused": [list(group) for group in self.preparation.fused],
+            }
 
     # ------------------------------------------------------------------------------------------
     # Evaluation loops run the fake-quant model without updating observers
@@ -247,36 +304,63 @@ class DynamicQuantCallback(Callback):
                 "the last training batch. Set freeze_observers_at to train the last steps with fixed ranges."
             )
 
-        self.quantized_model = self._convert(trainer, pl_module)
         self.artifact_dir = self.output_dir or Path(trainer.log_dir or trainer.default_root_dir) / "int8"
+        self.quantized_model, int8_bytes = self._convert_on_rank_zero(trainer, pl_module)
         self.report = {
             "artifact_dir": str(self.artifact_dir),
             "fp32_size_bytes": artifacts.serialized_size(artifacts.float_state_dict(pl_module)),
-            "int8_size_bytes": artifacts.serialized_size(self.quantized_model.state_dict()),
+            "int8_size_bytes": len(int8_bytes),
             "fake_quant": {},
             "int8": {},
         }
         if trainer.is_global_zero:
-            self._save(trainer)
+            self._save(trainer, int8_bytes)
+        # Other ranks wait here until rank zero has written the artifact.
+        trainer.strategy.barrier("lightning_dynq_int8_artifact")
         rank_zero_info(
             f"DynamicQuantCallback: int8 model saved to {self.artifact_dir} "
             f"({self.report['fp32_size_bytes']} bytes float, {self.report['int8_size_bytes']} bytes int8)."
         )
 
-    def _convert(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> torch.nn.Module:
-        # The copy must not include the Trainer, nor the configure_model wrapper bound to pl_module.
-        wrapper = pl_module.__dict__.pop("configure_model", None)
-        try:
-            return convert_copy(pl_module, self.recipe.engine, memo={id(trainer): None})
-        finally:
-            if wrapper is not None:
-                pl_module.configure_model = wrapper
+    def _convert_on_rank_zero(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[torch.nn.Module, bytes]:
+        """Convert on rank zero and share its int8 weights; return the int8 model and its ``model.pt`` bytes.
 
-    def _save(self, trainer: pl.Trainer) -> None:
+        The ranges are checked on every rank first, so that an unconvertible model raises on all
+        ranks instead of leaving the others waiting. With one process this is a plain conversion.
+        Other ranks build the int8 module structure from their own QAT module (which holds the
+        same state, see ``on_train_batch_end``) and load rank zero's weights into it.
+        """
+        check_ready_to_convert(pl_module)
+        if trainer.world_size == 1:
+            quantized = self._convert(trainer, pl_module, check=False)
+            return quantized, artifacts.model_bytes(quantized)
+
+        int8_bytes = None
+        if trainer.is_global_zero:
+            quantized = self._convert(trainer, pl_module, check=False)
+            int8_bytes = artifacts.model_bytes(quantized)
+        int8_bytes = trainer.strategy.broadcast(int8_bytes, src=0)
+        if not trainer.is_global_zero:
+            quantized = self._convert(trainer, pl_module, check=False)
+            with backend.quantized_engine(self.recipe.engine):
+                quantized.load_state_dict(torch.load(io.BytesIO(int8_bytes), weights_only=True))
+        return quantized, int8_bytes
+
+    def _convert(self, trainer: pl.Trainer, pl_module: pl.LightningModule, check: bool = True) -> torch.nn.Module:
+        # The copy must not include the Trainer, nor the hook wrappers bound to pl_module. It is
+        # made and converted on the CPU (see convert_copy), so pl_module stays on its device.
+        wrappers = {name: pl_module.__dict__.pop(name) for name in _HOOK_WRAPPERS if name in pl_module.__dict__}
+        try:
+            return convert_copy(pl_module, self.recipe.engine, check=check, memo={id(trainer): None})
+        finally:
+            for name, wrapper in wrappers.items():
+                setattr(pl_module, name, wrapper)
+
+    def _save(self, trainer: pl.Trainer, int8_bytes: bytes) -> None:
         assert self.quantized_model is not None
         assert self.artifact_dir is not None
         assert self.preparation is not None
-        artifacts.save_model(self.artifact_dir, self.quantized_model)
+        artifacts.save_model(self.artifact_dir, int8_bytes)
         metadata = artifacts.build_metadata(
             self.recipe,
             quantized_modules(self.quantized_model),
@@ -284,7 +368,7 @@ class DynamicQuantCallback(Callback):
             self.preparation.fused,
             getattr(trainer.datamodule, "bucket_boundaries", None),
         )
-        artifacts.write_json(self.artifact_dir / artifacts.METADATA_FILE, metadata)
+        artifacts.write_metadata(self.artifact_dir, metadata)
         self._publish_report(trainer)
 
     def _publish_report(self, trainer: pl.Trainer) -> None:

@@ -75,12 +75,24 @@ def build_train_plan(
     num_replicas: int = 1,
     tail: TailPolicy = "pad",
     drop_last: bool = False,
+    lengths: np.ndarray | None = None,
+    sort_window: int = 0,
 ) -> list[list[np.ndarray]]:
     """Build the shuffled training plan of one epoch as a list of steps.
 
     Each step holds ``num_replicas`` batches of the same bucket, one per rank, so all ranks run
     the same shapes in lockstep. Rows are shuffled inside each bucket and the steps are shuffled,
     both from a generator seeded by ``(seed, epoch)``.
+
+    With ``sort_window > 1``, the shuffled rows of each bucket are cut into windows of
+    ``sort_window`` batches' worth of rows, and each window is sorted by length (stable, so equal
+    lengths keep their shuffled order) before it is cut into batches. A batch then holds rows of
+    similar length and pads much less, while the window contents and the step order still change
+    every epoch. This is the mega-batch sort of Hugging Face ``group_by_length``, applied inside
+    each bucket.
+
+    Rows removed by ``drop_last`` or ``tail="drop"`` are taken from the end of the shuffled order
+    before sorting, so they are a random sample and not the longest rows of a window.
 
     Args:
         buckets: bucket index of every row. Rows with a negative index are left out.
@@ -91,37 +103,67 @@ def build_train_plan(
         tail: when a bucket's batch count is not a multiple of ``num_replicas``, ``"pad"`` adds
             batches of filler duplicates drawn from the same bucket, ``"drop"`` drops the extra batches.
         drop_last: drop the incomplete last batch of every bucket.
+        lengths: token count of every row. Required when ``sort_window > 1``.
+        sort_window: batches per sorted window. 0 or 1 turns the sort off.
 
     Returns:
         ``steps[i][rank]`` is the array of encoded rows of that rank's batch in step ``i``.
+
+    Raises:
+        ValueError: unknown ``tail``, negative ``sort_window``, or ``sort_window > 1`` without ``lengths``.
     """
     if tail not in TAIL_POLICIES:
         raise ValueError(f"Unknown tail policy {tail!r}; expected one of {TAIL_POLICIES}.")
+    if sort_window < 0:
+        raise ValueError(f"sort_window must be >= 0 (0 or 1 turns the sort off), got {sort_window}.")
+    sorting = sort_window > 1
+    if sorting and lengths is None:
+        raise ValueError(f"sort_window={sort_window} sorts by length, so pass lengths (one token count per row).")
     rng = np.random.default_rng([int(seed), int(epoch)])
     buckets = np.asarray(buckets, dtype=np.int64)
+    if sorting:
+        lengths = np.asarray(lengths, dtype=np.int64)
 
     steps: list[list[np.ndarray]] = []
     for bucket, rows in enumerate(_rows_by_bucket(buckets, len(batch_sizes))):
         if len(rows) == 0:
             continue
         size = batch_sizes[bucket]
-        rows = rng.permutation(rows)
+        shuffled = rng.permutation(rows)
+        kept, missing = _kept_row_count(len(shuffled), size, num_replicas, tail, drop_last)
+        rows = shuffled[:kept]
+        if sorting:
+            rows = _sort_windows(rows, lengths, size * sort_window)
         batches = [rows[start : start + size] for start in range(0, len(rows), size)]
-        if drop_last and len(batches[-1]) < size:
-            batches.pop()
 
-        missing = -len(batches) % num_replicas
-        if missing and tail == "drop":
-            batches = batches[: len(batches) - (num_replicas - missing)]
-        elif missing:
-            for _ in range(missing):
-                duplicates = rng.choice(rows, size=size, replace=len(rows) < size)
-                batches.append(encode_filler(duplicates))
+        for _ in range(missing):
+            duplicates = rng.choice(shuffled, size=size, replace=len(shuffled) < size)
+            batches.append(encode_filler(duplicates))
 
         steps.extend(batches[start : start + num_replicas] for start in range(0, len(batches), num_replicas))
 
     order = rng.permutation(len(steps))
     return [steps[i] for i in order]
+
+
+def _kept_row_count(
+    num_rows: int, size: int, num_replicas: int, tail: TailPolicy, drop_last: bool
+) -> tuple[int, int]:
+    """Return how many shuffled rows of a bucket to keep, and how many filler batches to add."""
+    kept = num_rows - num_rows % size if drop_last else num_rows
+    num_batches = -(-kept // size)
+    missing = -num_batches % num_replicas
+    if missing and tail == "drop":
+        # The dropped batches include the incomplete last one, so every kept batch is full.
+        kept = (num_batches - (num_replicas - missing)) * size
+        missing = 0
+    return kept, missing
+
+
+def _sort_windows(rows: np.ndarray, lengths: np.ndarray, window: int) -> np.ndarray:
+    """Sort each run of ``window`` consecutive rows by length with one stable lexsort."""
+    window_ids = np.arange(len(rows)) // window
+    return rows[np.lexsort((lengths[rows], window_ids))]
 
 
 def build_eval_plan(
@@ -154,9 +196,16 @@ def build_eval_plan(
     return [batches[start : start + num_replicas] for start in range(0, len(batches), num_replicas)]
 
 
-def fingerprint_plan_inputs(buckets: np.ndarray, batch_sizes: Sequence[int], **settings: object) -> str:
-    """Return a short hash of everything a plan depends on, to compare plans across ranks cheaply."""
+def fingerprint_plan_inputs(
+    buckets: np.ndarray, batch_sizes: Sequence[int], lengths: np.ndarray | None = None, **settings: object
+) -> str:
+    """Return a short hash of everything a plan depends on, to compare plans across ranks cheaply.
+
+    Pass ``lengths`` when the plan sorts by length (``sort_window > 1``), because the plan then depends on them.
+    """
     digest = hashlib.sha256(np.ascontiguousarray(buckets, dtype=np.int64).tobytes())
+    if lengths is not None:
+        digest.update(np.ascontiguousarray(lengths, dtype=np.int64).tobytes())
     digest.update(repr([int(s) for s in batch_sizes]).encode())
     digest.update(repr(sorted(settings.items())).encode())
     return digest.hexdigest()[:16]

@@ -67,9 +67,10 @@ class EpochSampler(Sampler[int]):
 class BucketBatchSampler(BatchSampler):
     """Yield the batches of one rank from a bucket plan (see :mod:`lightning_dynq.data.plan`).
 
-    Training plans (``shuffle=True``) are reshuffled every epoch from ``(seed, epoch)``, and evaluation
-    plans are sorted by length. On ``N`` ranks, each rank yields the same number of batches and
-    step ``i`` comes from the same bucket on every rank.
+    Training plans (``shuffle=True``) are reshuffled every epoch from ``(seed, epoch)``, with each
+    window of ``sort_window`` batches sorted by length, and evaluation plans are sorted by length.
+    On ``N`` ranks, each rank yields the same number of batches and step ``i`` comes from the same
+    bucket on every rank.
 
     The number of ranks and this rank come from, in this order: ``num_replicas``/``rank``, a
     ``DistributedSampler`` passed as ``sampler``, an initialized ``torch.distributed`` group, or
@@ -83,10 +84,12 @@ class BucketBatchSampler(BatchSampler):
         batch_size: nominal batch size (the largest per-bucket size), kept for the ``BatchSampler`` interface.
         drop_last: in training, drop the incomplete last batch of every bucket.
         buckets: bucket index of every row. Negative indices are left out.
-        lengths: token count of every row, for sorting evaluation batches.
+        lengths: token count of every row, for sorting training windows and evaluation batches.
         bucket_batch_sizes: batch size of every bucket.
         shuffle: ``True`` for a training plan, ``False`` for a sorted evaluation plan.
         seed: base seed of the training order.
+        sort_window: in training, sort each bucket's shuffled rows by length in windows of this
+            many batches before cutting them into batches (0 or 1: no sort). See :func:`build_train_plan`.
         tail: on several ranks, ``"pad"`` fills the last step of a bucket with masked duplicates,
             ``"drop"`` drops it (training only; evaluation always pads).
         num_replicas: number of ranks, overriding the sources above.
@@ -112,6 +115,7 @@ class BucketBatchSampler(BatchSampler):
         bucket_batch_sizes: Sequence[int],
         shuffle: bool = True,
         seed: int = 0,
+        sort_window: int = 50,
         tail: TailPolicy = "pad",
         num_replicas: int | None = None,
         rank: int | None = None,
@@ -125,6 +129,7 @@ class BucketBatchSampler(BatchSampler):
         self.drop_last = drop_last
         self.shuffle = shuffle
         self.seed = seed
+        self.sort_window = sort_window
         self.tail = tail
         self.num_replicas = num_replicas
         self.rank = rank
@@ -160,7 +165,8 @@ class BucketBatchSampler(BatchSampler):
 
         if self.shuffle:
             steps = build_train_plan(
-                self.buckets, self.bucket_batch_sizes, self.seed, epoch, num_replicas, self.tail, self.drop_last
+                self.buckets, self.bucket_batch_sizes, self.seed, epoch, num_replicas, self.tail, self.drop_last,
+                lengths=self.lengths, sort_window=self.sort_window,
             )
         else:
             steps = build_eval_plan(self.buckets, self.lengths, self.bucket_batch_sizes, num_replicas)

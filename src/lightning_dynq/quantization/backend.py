@@ -307,6 +307,51 @@ def invalid_scales(model: nn.Module) -> list[str]:
     return names
 
 
+def sync_observed_ranges(model: nn.Module) -> int:
+    """All-reduce the observed ranges of ``model`` across ranks: MIN of ``min_val``, MAX of ``max_val``.
+
+    Call it after each training step on every rank of an initialized ``torch.distributed`` group.
+    Afterwards every rank holds the same ranges, scales and zero points. For moving-average
+    observers (the default QAT qconfigs) this equals averaging the global batch min/max, because all
+    ranks start the step from the same running value ``r`` and ``r + c * (m - r)`` increases with the
+    batch value ``m`` (``0 < c <= 1``), so MIN/MAX commute with the update. Fake quantization inside
+    the step itself still used each rank's own update. Observers without ``min_val``/``max_val``
+    (histogram observers) are left unsynchronized. Returns the number of synchronized fake-quant modules.
+    """
+    import torch.distributed as dist
+
+    observed = [
+        (module, module.activation_post_process)
+        for _, module in fake_quants(model)
+        if bool(module.observer_enabled[0]) and observed_range(module) is not None
+    ]
+    if not observed:
+        return 0
+    minimums = torch.cat([observer.min_val.reshape(-1) for _, observer in observed])
+    maximums = torch.cat([observer.max_val.reshape(-1) for _, observer in observed])
+    dist.all_reduce(minimums, op=dist.ReduceOp.MIN)
+    dist.all_reduce(maximums, op=dist.ReduceOp.MAX)
+
+    offset = 0
+    for fake_quant, observer in observed:
+        count = observer.min_val.numel()
+        observer.min_val.copy_(minimums[offset : offset + count].view_as(observer.min_val))
+        observer.max_val.copy_(maximums[offset : offset + count].view_as(observer.max_val))
+        offset += count
+        if torch.isinf(observer.min_val).any():
+            continue  # no rank has seen a tensor yet, so there is no scale to compute
+        with _quiet():
+            scale, zero_point = fake_quant.calculate_qparams()
+        fake_quant.scale.resize_(scale.shape).copy_(scale)
+        fake_quant.zero_point.resize_(zero_point.shape).copy_(zero_point)
+    return len(observed)
+
+
+def quant_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Return copies of the fake-quant state: scales, zero points, observed ranges and flags, by state_dict key."""
+    return {key: value.detach().clone() for key, value in model.state_dict().items() if is_quant_state_key(key)}
+
+
 def is_quant_state_key(key: str) -> bool:
     """Return True for state_dict keys of fake-quant and observer modules."""
     parts = key.split(".")

@@ -68,9 +68,9 @@ class TextClassifier(pl.LightningModule):
         # mode, so dropout would stay off during fine-tuning without this call.
         self.model.train()
 
-        self.val_accuracy = MulticlassAccuracy(num_classes=num_labels)
+        self.val_accuracy = MulticlassAccuracy(num_classes=num_labels, average="micro")
         self.val_f1 = MulticlassF1Score(num_classes=num_labels, average="macro")
-        self.test_accuracy = MulticlassAccuracy(num_classes=num_labels)
+        self.test_accuracy = MulticlassAccuracy(num_classes=num_labels, average="micro")
         self.test_f1 = MulticlassF1Score(num_classes=num_labels, average="macro")
         self.bucket_accuracy = nn.ModuleList()
         self.bucket_examples = nn.ModuleList()

