@@ -59,7 +59,7 @@ def test_filler_rows_excluded_from_loss(tiny_bert_path):
     assert metadata["example_index"].tolist() == [10, 11]
 
 
-def test_test_metrics_per_bucket(tiny_bert_path, tokenizer, shared_data):
+def test_metrics_per_bucket(tiny_bert_path, tokenizer, shared_data):
     datamodule = BucketingDataModule(
         tokenizer=tokenizer,
         data_files={"train": str(shared_data / "banking77" / "train.csv"), "test": str(shared_data / "banking77" / "test.csv")},

@@ -515,3 +515,107 @@ def _cell(value: float | None) -> str:
 
 def _bucket_order(bucket: str) -> tuple[int, str]:
     return (int(bucket), bucket) if bucket.isdigit() else (1 << 30, bucket)
+
+
+# ----------------------------------------------------------------------------------------------
+# QAT checkpoints
+
+
+def prepare_from_checkpoint(
+    module: torch.nn.Module, checkpoint: Mapping[str, Any], recipe: QuantRecipe | None = None
+) -> Preparation:
+    """Prepare ``module`` in place with the quantization plan stored in a Lightning QAT checkpoint.
+
+    ``recipe`` replaces the stored recipe; it is needed only when training used a ``QConfig`` object.
+
+    Raises:
+        ValueError: the checkpoint holds no plan, or the module lacks the planned modules.
+    """
+    stored = checkpoint.get(QAT_CHECKPOINT_KEY)
+    if stored is None:
+        raise ValueError(
+            "The checkpoint holds no quantization plan: it was not written by a Trainer with DynamicQuantCallback. "
+            "Load it with the LightningModule's own load_from_checkpoint."
+        )
+    if recipe is None:
+        recipe_data = dict(stored["recipe"])
+        if isinstance(recipe_data["qconfig"], dict):
+            raise ValueError(
+                f"The checkpoint was trained with a custom QConfig {recipe_data['qconfig']['custom']}; pass "
+                "recipe=QuantRecipe(qconfig=<the same QConfig>, ...) to rebuild it."
+            )
+        recipe = QuantRecipe(**recipe_data)
+    return prepare_model(module, recipe, plan=stored["plan"], fuse_groups=stored["fused"])
+
+
+def load_qat_checkpoint(
+    checkpoint_path: str | Path, module: pl.LightningModule, recipe: QuantRecipe | None = None, strict: bool = True
+) -> pl.LightningModule:
+    """Prepare a freshly built LightningModule with the checkpoint's plan, then load its QAT state.
+
+    The result is the fake-quant module of the checkpoint, with its scales, zero points, observer
+    ranges and flags, ready for ``trainer.validate``/``test``/``predict`` or more QAT. A module
+    prepared before gets its state loaded without a second preparation.
+
+    Args:
+        checkpoint_path: a ``.ckpt`` file written by a Trainer with :class:`DynamicQuantCallback`.
+        module: the LightningModule built with the training arguments (float, not prepared).
+        recipe: replaces the stored recipe; needed only when training used a ``QConfig`` object.
+        strict: passed to ``load_state_dict``.
+
+    Raises:
+        ValueError: the checkpoint holds no quantization plan, or ``module`` does not have its architecture.
+
+    Example::
+
+        model = load_qat_checkpoint("lightning_logs/version_0/checkpoints/last.ckpt", MyModule())
+    """
+    # weights_only=False because Lightning checkpoints may hold hyperparameter objects; load only
+    # checkpoints you trust, as with LightningModule.load_from_checkpoint.
+    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+    if not boundaries(module):
+        try:
+            prepare_from_checkpoint(module, checkpoint, recipe)
+        except (KeyError, AttributeError, AssertionError) as error:
+            raise ValueError(
+                f"Cannot prepare {type(module).__name__} with the plan of {checkpoint_path}: {error}. Build the "
+                "module with the arguments used in training."
+            ) from error
+    module.load_state_dict(checkpoint["state_dict"], strict=strict)
+    return module
+
+
+def check_qat_state_dict(module: torch.nn.Module, state_dict: Mapping[str, Any]) -> None:
+    """Raise ValueError when a QAT state_dict is about to be loaded into a module that was not prepared.
+
+    Without this check ``load_state_dict`` fails with a long list of unexpected
+    ``activation_post_process`` and ``weight_fake_quant`` keys.
+    """
+    if any(backend.is_quant_state_key(key) for key in state_dict) and not boundaries(module):
+        raise ValueError(
+            f"This is a quantization-aware training state, but {type(module).__name__} was not prepared for QAT. "
+            "Load the checkpoint with lightning_dynq.load_qat_checkpoint(path, module), which prepares the module "
+            "with the stored plan and then loads it, or pass ckpt_path to a Trainer that has DynamicQuantCallback."
+        )
+
+
+def _get_rng_state() -> dict[str, Any]:
+    # Only tensors and plain Python values, so that checkpoints still load with weights_only=True.
+    name, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(position), int(has_gauss), float(cached_gaussian)],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    name, keys, position, has_gauss, cached_gaussian = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, cached_gaussian))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

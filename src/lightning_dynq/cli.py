@@ -73,7 +73,7 @@ def data_report_main(argv: list[str]) -> None:
 def main(args: list[str] | None = None) -> DynqCLI | None:
     """Run the ``lightning-dynq`` command with ``args`` (default: the process arguments).
 
-    Returns the finished :class:`DynqCLI`, whose ``trainer`` holds the callbacks and their
+    Returns the finished :class:`DynqCLI`, whose ``trainer`` contains the callbacks and their
     results, or ``None`` for ``data-report``.
     """
     argv = sys.argv[1:] if args is None else list(args)

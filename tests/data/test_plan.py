@@ -89,6 +89,70 @@ def test_train_plan_skips_negative_buckets():
     assert sorted(rows.tolist()) == [0, 2, 3, 5]
 
 
+@pytest.mark.parametrize("num_replicas", [1, 2, 3, 8])
+@pytest.mark.parametrize(("tail", "drop_last"), [("pad", False), ("pad", True), ("drop", False)])
+def test_sorted_plan_each_row_at_most_once(num_replicas, tail, drop_last):
+    buckets, lengths = random_buckets(1003, 4)
+    sizes = [16, 8, 8, 5]
+    steps = build_train_plan(
+        buckets, sizes, seed=7, epoch=3, num_replicas=num_replicas, tail=tail, drop_last=drop_last,
+        lengths=lengths, sort_window=4,
+    )
+    unsorted = build_train_plan(
+        buckets, sizes, seed=7, epoch=3, num_replicas=num_replicas, tail=tail, drop_last=drop_last,
+    )
+    rows = valid_rows_of(steps)
+    assert len(np.unique(rows)) == len(rows)
+    # Sorting reorders rows inside windows but keeps and drops the same rows as the unsorted plan.
+    assert np.array_equal(np.sort(rows), np.sort(valid_rows_of(unsorted)))
+    assert len(steps) == len(unsorted)
+    for step in steps:
+        assert len(step) == num_replicas
+        assert len({int(b) for batch in step for b in buckets[decode_rows(batch)[0]]}) == 1
+    if not drop_last and tail == "pad":
+        assert len(rows) == 1003
+
+
+def test_sorted_plan_window_covering_bucket_sorts_it():
+    rng = np.random.default_rng(5)
+    lengths = rng.integers(1, 100, size=203)
+    buckets = np.zeros(203, dtype=np.int64)
+    steps = build_train_plan(buckets, [8], seed=0, epoch=0, lengths=lengths, sort_window=100)
+    batches = sorted((lengths[step[0]] for step in steps), key=lambda batch: (batch.min(), batch.max()))
+    for earlier, later in zip(batches, batches[1:]):
+        assert earlier.max() <= later.min()
+
+
+def test_sorted_plan_deterministic_and_reshuffled():
+    buckets, lengths = random_buckets(2000, 3)
+    settings = dict(buckets=buckets, batch_sizes=[8, 8, 8], seed=1, lengths=lengths, sort_window=10)
+    first = build_train_plan(**settings, epoch=0)
+    again = build_train_plan(**settings, epoch=0)
+    next_epoch = build_train_plan(**settings, epoch=1)
+    assert all(np.array_equal(a[0], b[0]) for a, b in zip(first, again))
+    first_batches = {frozenset(step[0].tolist()) for step in first}
+    next_batches = {frozenset(step[0].tolist()) for step in next_epoch}
+    assert len(first_batches & next_batches) < 0.1 * len(first_batches)
+
+
+@pytest.mark.parametrize("sort_window", [0, 1])
+def test_sort_window_zero_or_one_is_unsorted(sort_window):
+    buckets, lengths = random_buckets(500, 3)
+    plain = build_train_plan(buckets, [8, 8, 8], seed=1, epoch=2, num_replicas=2)
+    windowed = build_train_plan(buckets, [8, 8, 8], seed=1, epoch=2, num_replicas=2, lengths=lengths, sort_window=sort_window)
+    assert len(plain) == len(windowed)
+    for a, b in zip(plain, windowed):
+        assert all(np.array_equal(x, y) for x, y in zip(a, b))
+
+
+def test_sort_window_checks_arguments():
+    buckets, lengths = random_buckets(50, 2)
+    with pytest.raises(ValueError, match="pass lengths"):
+        build_train_plan(buckets, [8, 8], seed=0, epoch=0, sort_window=50)
+    with pytest.raises(ValueError, match="sort_window must be >= 0"):
+        build_train_plan(buckets, [8, 8], seed=0, epoch=0, lengths=lengths, sort_window=-1)
+
+
 @pytest.mark.parametrize("num_replicas", [1, 2, 3])
 def test_eval_plan_sorted_once_equal_steps(num_replicas):
     buckets, lengths = random_buckets(1001, 4, seed=2)
@@ -146,9 +210,10 @@ def test_sampler_resume_yields_remaining_batches():
 
 def test_train_plan_million_lengths_under_one_second():
     rng = np.random.default_rng(0)
-    buckets = rng.integers(0, 8, size=1_000_000)
+    lengths = rng.integers(1, 512, size=1_000_000)
+    buckets = np.minimum(lengths // 64, 7)
     start = time.perf_counter()
-    steps = build_train_plan(buckets, [16] * 8, seed=0, epoch=0, num_replicas=2)
+    steps = build_train_plan(buckets, [16] * 8, seed=0, epoch=0, num_replicas=2, lengths=lengths, sort_window=50)
     elapsed = time.perf_counter() - start
     assert sum(len(b) for step in steps for b in step) >= 1_000_000
     assert elapsed < 1.0, f"plan took {elapsed:.2f} s"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+import torch
 from torch import nn
 
 from lightning_dynq.quantization import backend
@@ -44,12 +45,24 @@ def convert_copy(model: nn.Module, engine: str, check: bool = True, memo: dict[i
     """
     if check:
         check_ready_to_convert(model)
-    quantized = copy.deepcopy(model, memo if memo is not None else {})
+    memo = dict(memo) if memo is not None else {}
+    # Parameters and buffers are copied straight to the CPU, so a model trained on a GPU never
+    # needs a second copy in GPU memory; tied parameters stay tied because they share one memo entry.
+    for tensor in [*model.parameters(), *model.buffers()]:
+        memo[id(tensor)] = _cpu_copy(tensor)
+    quantized = copy.deepcopy(model, memo)
     quantized.cpu().eval()
     with backend.quantized_engine(engine):
         for boundary in boundaries(quantized).values():
             backend.convert_boundary(boundary)
     return quantized
+
+
+def _cpu_copy(tensor: torch.Tensor) -> torch.Tensor:
+    copied = tensor.detach().to("cpu", copy=True)
+    if isinstance(tensor, nn.Parameter):
+        return nn.Parameter(copied, requires_grad=tensor.requires_grad)
+    return copied
 
 
 def quantized_modules(model: nn.Module) -> dict[str, str]:

@@ -124,8 +124,8 @@ class TextClassifier(pl.LightningModule):
                 self.bucket_examples[bucket].update(in_bucket.sum())
 
     def on_test_epoch_end(self) -> None:
-        # Every rank computes every bucket, so the metric synchronisation stays collective; a
-        # bucket without test examples is left out instead of being logged as accuracy 0.
+        # Every rank computes every bucket, so the metric synchronisation stays collective.
+        # A bucket without test examples is left out instead of being logged as accuracy 0.
         for bucket, (accuracy, examples) in enumerate(zip(self.bucket_accuracy, self.bucket_examples)):
             count = examples.compute()
             if count > 0:
