@@ -95,7 +95,7 @@ class TinyBertClassifier(pl.LightningModule):
 def trainer_options(root, **overrides) -> dict:
     options = dict(
         accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
-        enable_checkpointing=False, default_root_dir=str(root), num_sanity_val_steps=0, deterministic=True,
+        enable_checkpointing=False, default_root_dir=str(root), num_sanity_val_steps=0,
     )
     options.update(overrides)
     return options

@@ -103,7 +103,7 @@ class BucketingDataModule(LightningDataModule):
             and step order still change every epoch. 0 or 1 turns the sort off. On BANKING77
             (batch size 32, 4 token-mass buckets) the real-token share of training batches goes
             from 0.751 without the sort to 0.989 with the default 50. Sorting also makes more
-            distinct batch shapes (48 against 29 there); ``pad_to_multiple_of`` bounds them.
+            distinct batch shapes (48 against 29 there). ``pad_to_multiple_of`` bounds them.
         validation_fraction: fraction of train split off, seeded, when there is no validation split.
         seed: seed of the validation split, the subsets, the boundary sample and the training order.
         num_workers: ``DataLoader`` worker processes.

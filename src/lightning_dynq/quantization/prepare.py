@@ -11,6 +11,7 @@ import fnmatch
 import logging
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 from lightning_dynq.quantization import backend
@@ -31,17 +32,21 @@ class Preparation:
         kept_float: module name to the reason it stays float, for every candidate left float.
         fused: groups of module names fused before preparation, the first name holding the fused module.
         module_types: module name to its float type name (such as ``Linear`` or ``ConvBnReLU2d``).
+        linearized: names of transformers ``Conv1D`` layers replaced by an equivalent ``nn.Linear``.
     """
 
     quantized: dict[str, str] = field(default_factory=dict)
     kept_float: dict[str, str] = field(default_factory=dict)
     fused: list[list[str]] = field(default_factory=list)
     module_types: dict[str, str] = field(default_factory=dict)
+    linearized: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
         """Return a few lines that count prepared and float modules per type, with the reasons."""
         prepared = collections.Counter(self.module_types[name] for name in self.quantized)
         lines = [f"Prepared {len(self.quantized)} modules for quantization-aware training: {dict(prepared)}."]
+        if self.linearized:
+            lines.append(f"Replaced {len(self.linearized)} transformers Conv1D layers by equivalent nn.Linear layers.")
         if self.fused:
             lines.append(f"Fused {len(self.fused)} groups: {self.fused}.")
         reasons: dict[tuple[str, str], list[str]] = collections.defaultdict(list)
@@ -89,6 +94,8 @@ def prepare_model(
                 "does not have the architecture the artifact was trained with."
             )
 
+    preparation.linearized = linearize_transposed_conv1d(model)
+
     tied = _tied_weights(model)
     for name, module in _candidates(model):
         preparation.module_types[name] = _type_name(module)
@@ -135,6 +142,35 @@ def check_patterns(model: nn.Module, recipe: QuantRecipe, preparation: Preparati
 def boundaries(model: nn.Module) -> dict[str, backend.QuantBoundary]:
     """Return the quantized modules of ``model`` by name."""
     return {name: m for name, m in model.named_modules() if isinstance(m, backend.QuantBoundary)}
+
+
+def linearize_transposed_conv1d(model: nn.Module) -> list[str]:
+    """Replace every transformers ``Conv1D`` in ``model`` by an equivalent ``nn.Linear``, in place.
+
+    GPT-2 style models use ``transformers.pytorch_utils.Conv1D``: a linear layer whose weight is
+    stored as (in_features, out_features). The eager quantization path has kernels for
+    ``nn.Linear`` only, so the layer becomes an ``nn.Linear`` with the transposed weight and the
+    same bias, which computes the same function. The module is recognised by its class name and
+    attributes so that this package does not import transformers.
+
+    Returns:
+        The names of the replaced modules.
+    """
+    replaced = []
+    for name, module in list(model.named_modules()):
+        if type(module).__name__ != "Conv1D" or not hasattr(module, "nf") or module.weight.ndim != 2:
+            continue
+        in_features, out_features = module.weight.shape
+        linear = nn.Linear(in_features, out_features, bias=module.bias is not None)
+        linear = linear.to(device=module.weight.device, dtype=module.weight.dtype)
+        with torch.no_grad():
+            linear.weight.copy_(module.weight.t())
+            if module.bias is not None:
+                linear.bias.copy_(module.bias)
+        linear.train(module.training)
+        set_submodule(model, name, linear)
+        replaced.append(name)
+    return replaced
 
 
 def _candidates(model: nn.Module) -> list[tuple[str, nn.Module]]:
