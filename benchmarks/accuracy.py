@@ -1,6 +1,6 @@
 """Test accuracy per length bucket of MiniLM after fp32 fine-tuning, QAT and post-training quantization.
 
-Run: ``python benchmarks/accuracy.py [--datasets bbc_news,banking77] [--max-train-examples ...]``.
+Run from the repository root: ``python -m benchmarks.accuracy [--datasets bbc_news,banking77] [--max-train-examples ...]``.
 
 For each data set, in one process and with the same ``BucketingDataModule`` settings:
 
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import tempfile
 import time
 from typing import Any
 
@@ -39,6 +40,8 @@ from lightning_dynq.tasks import TextClassifier
 from lightning_dynq.tasks.common import split_batch
 
 ENGINE = "fbgemm"
+# Lightning writes the QAT artifacts (int8/model.pt, report.json, report.md, report.png) here.
+RUN_DIR = tempfile.mkdtemp(prefix="lightning_dynq_accuracy_")
 DATASETS = {
     "bbc_news": {"dataset": load_bbc_news, "text_column": "text", "label_column": "label"},
     "banking77": {
@@ -65,11 +68,11 @@ def make_trainer(callbacks: list | None = None) -> pl.Trainer:
     return pl.Trainer(
         accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
-        callbacks=callbacks or [],
+        callbacks=callbacks or [], default_root_dir=RUN_DIR,
     )
 
 
-def test_accuracy(trainer: pl.Trainer, module: pl.LightningModule, datamodule: BucketingDataModule) -> dict[str, float]:
+def measure_accuracy(trainer: pl.Trainer, module: pl.LightningModule, datamodule: BucketingDataModule) -> dict[str, float]:
     trainer.test(module, datamodule=datamodule, verbose=False)
     return accuracy_by_bucket({k: float(v) for k, v in trainer.callback_metrics.items()})
 
@@ -140,7 +143,7 @@ def evaluate_dataset(name: str, args) -> dict[str, dict[str, float]]:
     start = time.perf_counter()
 
     fp32_module, _, datamodule = fine_tune(name, args)
-    results["fp32"] = test_accuracy(make_trainer(), fp32_module, datamodule)
+    results["fp32"] = measure_accuracy(make_trainer(), fp32_module, datamodule)
     print(f"  {name} fp32: {results['fp32']} ({time.perf_counter() - start:.0f} s)", flush=True)
 
     variants = {
@@ -151,12 +154,14 @@ def evaluate_dataset(name: str, args) -> dict[str, dict[str, float]]:
     for label, (mode, calibration) in variants.items():
         quantized = post_training_quantization(fp32_module, mode, calibration)
         with backend.quantized_engine(ENGINE):
-            results[label] = test_accuracy(make_trainer(), quantized, datamodule)
+            results[label] = measure_accuracy(make_trainer(), quantized, datamodule)
         print(f"  {name} {label}: {results[label]}", flush=True)
 
     for mode in ("static", "dynamic"):
         steps = len(make_datamodule(name, args).train_dataloader())
-        callback = DynamicQuantCallback(qconfig=ENGINE, mode=mode, freeze_observers_at=max(1, int(0.75 * steps)))
+        callback = DynamicQuantCallback(
+            qconfig=ENGINE, mode=mode, freeze_observers_at=max(1, int(0.75 * steps)), output_dir=f"{RUN_DIR}/{name}_{mode}/int8"
+        )
         module, trainer, datamodule = fine_tune(name, args, callback)
         report = callback.test_fake_quant_and_int8(trainer, module, datamodule)
         for variant in ("fake_quant", "int8"):

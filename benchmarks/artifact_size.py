@@ -1,6 +1,6 @@
 """Size of the int8 artifact (``model.pt``) against the fp32 state_dict, for MiniLM and the MLP block.
 
-Run: ``python benchmarks/artifact_size.py``. Sizes are the bytes ``torch.save`` writes for each
+Run from the repository root: ``python -m benchmarks.artifact_size``. Sizes are the bytes ``torch.save`` writes for each
 state_dict, which is what ``DynamicQuantCallback`` writes as ``int8/model.pt``. The MiniLM model is
 the pretrained all-MiniLM-L6-v2 encoder with a new random 5-class head (sizes do not depend on
 fine-tuning). Each int8 variant is prepared, sees one random batch (so every observer has a

