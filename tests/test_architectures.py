@@ -158,9 +158,6 @@ def test_llama_decoder(smollm2_tokenizer: Any, tmp_path: Path) -> None:
     check_report(callback.test_fake_quant_and_int8(trainer, model, datamodule))
 
 
-# TODO: remove this mark once the quantization package selects transformers' Conv1D. Until then
-# preparation finds no nn.Linear in GPT-2 and raises ValueError.
-@pytest.mark.xfail(raises=ValueError, reason="transformers' Conv1D is not quantized yet", strict=False)
 def test_gpt2_conv1d_projections(smollm2_tokenizer: Any, tmp_path: Path) -> None:
     location = save_random_model(gpt2_config(len(smollm2_tokenizer)), smollm2_tokenizer, tmp_path / "model")
 

@@ -50,6 +50,16 @@ def test_markdown_rows_per_bucket():
     assert "Model size: 90.0 MB float, 27.0 MB int8 (int8 / float = 0.30x)." in lines
 
 
+def test_markdown_example_counts_one_column():
+    report = {
+        "fake_quant": {"per_bucket": {"0": {"test_accuracy": 0.5, "test_examples": 12.0}}},
+        "int8": {"per_bucket": {"0": {"test_accuracy": 0.25, "test_examples": 12.0}}},
+    }
+    lines = reporting.format_markdown(report).splitlines()
+    assert lines[2].startswith("| bucket | shape (batch x length) | test_examples | fake-quant test_accuracy | int8 test_accuracy |")
+    assert "| 0 | - | 12 | 0.5000 | 0.2500 | - | - | - |" in lines
+
+
 def test_markdown_without_latency_or_int8():
     report = {"fake_quant": REPORT["fake_quant"], "fp32_size_bytes": 10, "int8_size_bytes": None}
     text = reporting.format_markdown(report)

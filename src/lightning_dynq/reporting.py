@@ -58,10 +58,13 @@ def metric_names(report: Mapping[str, Any]) -> list[str]:
 
 def format_markdown(report: Mapping[str, Any]) -> str:
     """Return a Markdown summary: metrics and latency per bucket, overall metrics and model sizes."""
-    names = metric_names(report)
+    # Example counts (such as TextClassifier's test_examples) are the same for both variants,
+    # so they get one integer column instead of a fake-quant / int8 pair.
+    names = [name for name in metric_names(report) if not name.endswith("_examples")]
+    count_names = [name for name in metric_names(report) if name.endswith("_examples")]
     lines = ["# Quantization report", ""]
 
-    header = ["bucket", "shape (batch x length)"]
+    header = ["bucket", "shape (batch x length)", *count_names]
     for name in names:
         header += [f"fake-quant {name}", f"int8 {name}"]
     header += ["fp32 latency (ms)", "int8 latency (ms)", "fp32 / int8"]
@@ -73,6 +76,11 @@ def format_markdown(report: Mapping[str, Any]) -> str:
     for bucket in bucket_ids(report):
         shape = shapes.get(bucket)
         row = [bucket, "-" if shape is None else " x ".join(str(size) for size in shape)]
+        for name in count_names:
+            count = _bucket_metric(report, "fake_quant", bucket, name)
+            if count is None:
+                count = _bucket_metric(report, "int8", bucket, name)
+            row.append(_number(count, 0))
         for name in names:
             row.append(_number(_bucket_metric(report, "fake_quant", bucket, name)))
             row.append(_number(_bucket_metric(report, "int8", bucket, name)))
@@ -130,7 +138,7 @@ def write_figure(directory: str | Path, report: Mapping[str, Any]) -> Path | Non
         return None
 
     buckets = bucket_ids(report)
-    names = metric_names(report)
+    names = [name for name in metric_names(report) if not name.endswith("_examples")]
     positions = list(range(len(buckets)))
     labels = [_bucket_label(report, bucket) for bucket in buckets]
     width = 0.38
