@@ -95,12 +95,13 @@ def epoch_batches(name: str, seed: int, num_buckets: int) -> tuple[dict[str, lis
 
 def measure(name: str, args) -> list[dict]:
     batches, num_labels = epoch_batches(name, args.seed, args.num_buckets)
-    model = minilm_classifier(num_labels).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
-    for items in batches.values():
-        train_step(model, optimizer, items[0], qat=False)
-
     step_times: dict[str, list[float]] = {sampler: [] for sampler in batches}
+    if args.timed_batches > 0:
+        model = minilm_classifier(num_labels).train()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+        for items in batches.values():
+            train_step(model, optimizer, items[0], qat=False)
+
     for position in np.linspace(0, 1, args.timed_batches, endpoint=False):
         for sampler, items in batches.items():
             batch = items[int(position * len(items))]
@@ -112,10 +113,11 @@ def measure(name: str, args) -> list[dict]:
     for sampler, items in batches.items():
         real = sum(int(b["attention_mask"].sum()) for b in items)
         padded = sum(b["attention_mask"].numel() for b in items)
-        epoch_seconds = float(np.mean(step_times[sampler])) * len(items)
+        epoch_seconds = float(np.mean(step_times[sampler])) * len(items) if step_times[sampler] else None
         rows.append({
             "dataset": name, "sampler": sampler, "batches": len(items), "real_tokens": real,
-            "real_share": real / padded, "epoch_seconds_estimate": epoch_seconds, "tokens_per_second": real / epoch_seconds,
+            "real_share": real / padded, "epoch_seconds_estimate": epoch_seconds,
+            "tokens_per_second": real / epoch_seconds if epoch_seconds else None,
         })
         print(f"  {name} {sampler}: {rows[-1]}", flush=True)
     return rows
@@ -124,7 +126,7 @@ def measure(name: str, args) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--datasets", default="bbc_news,banking77", help="comma-separated: bbc_news, banking77")
-    parser.add_argument("--timed-batches", type=int, default=8, help="batches timed per sampler, spread over the epoch")
+    parser.add_argument("--timed-batches", type=int, default=8, help="batches timed per sampler, spread over the epoch; 0 reports the real-token shares only")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--seed", type=int, default=42, help="seed of the batch orders")
     parser.add_argument("--num-buckets", type=int, default=8, help="target number of length buckets of the bucketed sampler")
@@ -140,9 +142,11 @@ def main() -> None:
     table = []
     for row in rows:
         bucketed = next(r for r in rows if r["dataset"] == row["dataset"] and r["sampler"] == "bucketed")
+        timed = row["tokens_per_second"] is not None
         table.append([
             row["dataset"], row["sampler"], row["batches"], f"{100 * row['real_share']:.1f}%",
-            row["tokens_per_second"], f"{bucketed['tokens_per_second'] / row['tokens_per_second']:.2f}x",
+            row["tokens_per_second"] if timed else "-",
+            f"{bucketed['tokens_per_second'] / row['tokens_per_second']:.2f}x" if timed else "-",
         ])
     print_table(["dataset", "sampler", "batches", "real tokens", "real tokens/s", "bucketed / this"], table)
     save_results(args.output, {"machine": machine_line(args.threads), "args": vars(args), "rows": rows})

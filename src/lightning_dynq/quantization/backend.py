@@ -85,10 +85,35 @@ def make_qconfig(kind: str, engine: str, static_qconfig: Any = None) -> Any:
                 return static_qconfig
             return tq.get_default_qat_qconfig(engine)
         if kind == "dynamic":
-            return tq.default_dynamic_qat_qconfig
+            return _dynamic_qat_qconfig(engine)
         if kind == "weight_only":
             return tq.default_embedding_qat_qconfig
     raise ValueError(f"Invalid qconfig kind {kind!r}: expected one of {list(QCONFIG_KINDS)}.")
+
+
+def _dynamic_qat_qconfig(engine: str) -> Any:
+    """Build the dynamic-mode QAT qconfig that simulates what the engine's dynamic Linear computes.
+
+    At run time, the dynamic int8 Linear quantizes each input tensor with its own min/max range.
+    On fbgemm and x86 it uses ``reduce_range=True``, so only 7 of the 8 activation bits are used
+    (range 0..127). ``torch.ao.quantization.default_dynamic_qat_qconfig`` simulates 0..255, which
+    makes the int8 model noisier than the fake-quant model; this qconfig matches the kernel.
+    """
+    quant_max = 127 if engine in ("fbgemm", "x86") else 255
+    activation = tq.FakeQuantize.with_args(
+        observer=tq.MovingAverageMinMaxObserver,
+        quant_min=0,
+        quant_max=quant_max,
+        is_dynamic=True,
+        dtype=torch.quint8,
+        averaging_constant=1,
+    )
+    return tq.QConfig(activation=activation, weight=tq.default_weight_fake_quant)
+
+
+def is_per_batch(fake_quant: Any) -> bool:
+    """Return True for a dynamic-mode activation fake-quant, whose range comes from each batch."""
+    return bool(getattr(fake_quant, "is_dynamic", False))
 
 
 def describe_qconfig(qconfig: Any) -> dict[str, str]:
@@ -205,8 +230,11 @@ def wrap_for_qat(module: nn.Module, kind: str, qconfig: Any) -> QuantBoundary:
     with _quiet():
         tq.prepare_qat(boundary, mapping=_qat_mapping(kind), inplace=True)
     boundary.train(was_training)
-    for fake_quant in activation_fake_quants(boundary):
-        _install_padding_hooks(fake_quant)
+    # The dynamic int8 Linear computes its input range over the whole tensor, padding included,
+    # so only static activation ranges skip padded positions.
+    if kind != "dynamic":
+        for fake_quant in activation_fake_quants(boundary):
+            _install_padding_hooks(fake_quant)
     return boundary
 
 
@@ -255,9 +283,13 @@ def set_observer_flags(model: nn.Module, flags: dict[str, tuple[bool, bool]]) ->
 
 
 def enable_observers(model: nn.Module, enabled: bool) -> None:
-    """Switch observer updates of every fake-quant module on or off."""
+    """Switch observer updates of every fake-quant module on or off.
+
+    Dynamic-mode activation fake-quants stay on: the int8 model computes their range from every
+    input at run time, so fake quantization must do the same in evaluation too.
+    """
     for _, module in fake_quants(model):
-        module.enable_observer(enabled)
+        module.enable_observer(enabled or is_per_batch(module))
 
 
 def enable_fake_quant(model: nn.Module, enabled: bool) -> None:
