@@ -86,7 +86,8 @@ def main(args: list[str] | None = None) -> DynqCLI | None:
         BucketingDataModule,
         subclass_mode_model=True,
         seed_everything_default=42,
-        args=argv,
+        # None lets LightningCLI read sys.argv itself, which it prefers over an explicit list.
+        args=None if args is None else argv,
         save_config_kwargs={"overwrite": True},
     )
 

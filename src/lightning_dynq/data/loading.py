@@ -38,11 +38,17 @@ _LENGTH_CACHE: dict[str, np.ndarray] = {}
 def load_tokenizer(tokenizer: str | PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
     """Load a tokenizer from a Hugging Face Hub name, a local folder or a ``pkg://`` location.
 
-    A tokenizer object passes through. A tokenizer without a padding token (GPT-2 style) gets its
-    end-of-sequence token as padding token.
+    A path ending in ``.gguf`` loads the tokenizer stored in that GGUF file (needs the ``gguf``
+    package). A tokenizer object passes through. A tokenizer without a padding token (GPT-2
+    style) gets its end-of-sequence token as padding token.
     """
     if isinstance(tokenizer, str):
-        tokenizer = AutoTokenizer.from_pretrained(resolve_path(tokenizer))
+        location = resolve_path(tokenizer)
+        if location.endswith(".gguf"):
+            folder, _, file_name = location.rpartition("/")
+            tokenizer = AutoTokenizer.from_pretrained(folder or ".", gguf_file=file_name)
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(location)
     if tokenizer.pad_token_id is None:
         if tokenizer.eos_token is None:
             raise ValueError(f"Tokenizer {tokenizer.name_or_path!r} has neither a padding nor an end-of-sequence token.")
