@@ -14,9 +14,8 @@ from torchmetrics import Metric
 
 from lightning_dynq.paths import resolve_path
 from lightning_dynq.tasks.common import (
+    adamw_with_warmup,
     count_buckets,
-    decoupled_weight_decay_groups,
-    linear_warmup_schedule,
     split_batch,
     valid_mask,
 )
@@ -249,11 +248,7 @@ class CausalLM(pl.LightningModule):
         return tokenizer.batch_decode(new_ids, skip_special_tokens=True)
 
     def configure_optimizers(self) -> dict[str, Any]:
-        groups = decoupled_weight_decay_groups(self, self.hparams.weight_decay)
-        optimizer = torch.optim.AdamW(groups, lr=self.hparams.learning_rate)
-        total_steps = max(int(self.trainer.estimated_stepping_batches), 1)
-        scheduler = linear_warmup_schedule(optimizer, total_steps, self.hparams.warmup_ratio)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return adamw_with_warmup(self)
 
 
 def _split_gguf_location(location: str, gguf_file: str | None) -> tuple[str, str | None]:

@@ -13,9 +13,8 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from lightning_dynq.paths import resolve_path
 from lightning_dynq.tasks.common import (
+    adamw_with_warmup,
     count_buckets,
-    decoupled_weight_decay_groups,
-    linear_warmup_schedule,
     split_batch,
     valid_mask,
 )
@@ -143,8 +142,4 @@ class TextClassifier(pl.LightningModule):
         return outputs
 
     def configure_optimizers(self) -> dict[str, Any]:
-        groups = decoupled_weight_decay_groups(self, self.hparams.weight_decay)
-        optimizer = torch.optim.AdamW(groups, lr=self.hparams.learning_rate)
-        total_steps = max(int(self.trainer.estimated_stepping_batches), 1)
-        scheduler = linear_warmup_schedule(optimizer, total_steps, self.hparams.warmup_ratio)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return adamw_with_warmup(self)

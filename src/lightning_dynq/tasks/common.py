@@ -64,3 +64,16 @@ def decoupled_weight_decay_groups(model: nn.Module, weight_decay: float) -> list
         {"params": decayed, "weight_decay": weight_decay},
         {"params": not_decayed, "weight_decay": 0.0},
     ]
+
+
+def adamw_with_warmup(module: Any) -> dict[str, Any]:
+    """Build AdamW with a linear warm-up and decay over the run, from the module's hyperparameters.
+
+    Reads ``learning_rate``, ``weight_decay`` and ``warmup_ratio`` from ``module.hparams`` and the
+    number of optimizer steps from its trainer; the schedule steps once per optimizer step.
+    """
+    groups = decoupled_weight_decay_groups(module, module.hparams.weight_decay)
+    optimizer = torch.optim.AdamW(groups, lr=module.hparams.learning_rate)
+    total_steps = max(int(module.trainer.estimated_stepping_batches), 1)
+    scheduler = linear_warmup_schedule(optimizer, total_steps, module.hparams.warmup_ratio)
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
