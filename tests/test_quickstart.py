@@ -59,7 +59,8 @@ def test_quickstart_int8_accuracy(quickstart_run):
 def test_quickstart_artifact_reloads(quickstart_run):
     cli, callback = quickstart_run
     artifact = callback.artifact_dir
-    assert sorted(path.name for path in artifact.iterdir()) == ["metadata.json", "model.pt", "report.json"]
+    expected_files = ["metadata.json", "model.pt", "report.json", "report.md", "report.png"]
+    assert sorted(path.name for path in artifact.iterdir()) == expected_files
     metadata = json.loads((artifact / "metadata.json").read_text())
     assert metadata["engine"] == "fbgemm"
     assert metadata["bucket_boundaries"] == cli.datamodule.bucket_boundaries
