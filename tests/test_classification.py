@@ -84,3 +84,22 @@ def test_metrics_per_bucket(tiny_bert_path, tokenizer, shared_data):
     weighted = sum(results[f"test_accuracy/bucket_{b}"] * counts[b] for b in range(buckets)) / 300
     assert results["test_accuracy"] == pytest.approx(weighted, abs=1e-5)
     assert 0.0 <= results["test_f1"] <= 1.0
+
+
+def test_filler_only_batch_skipped(tiny_bert_path):
+    # Under DDP the last evaluation step of a rank can hold only filler duplicates.
+    module = TextClassifier(tiny_bert_path, num_labels=NUM_LABELS).eval()
+    batch = {
+        "input_ids": torch.tensor([[101, 2000, 102], [101, 2001, 102]]),
+        "attention_mask": torch.ones(2, 3, dtype=torch.long),
+        "labels": torch.tensor([1, 2]),
+        "bucket": torch.tensor([0, 0]),
+        "example_index": torch.tensor([4, 5]),
+        "valid": torch.tensor([False, False]),
+    }
+    with torch.no_grad():
+        module.validation_step(batch, 0)
+        module.test_step(batch, 0)
+
+    assert module.val_accuracy.update_count == 0
+    assert module.test_accuracy.update_count == 0

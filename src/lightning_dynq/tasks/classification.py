@@ -99,6 +99,9 @@ class TextClassifier(pl.LightningModule):
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         loss, logits, labels, _ = self._shared_step(batch)
+        if labels.numel() == 0:
+            # A batch of DDP filler duplicates only: nothing counts, and torchmetrics rejects empty inputs.
+            return
         self.val_accuracy(logits, labels)
         self.val_f1(logits, labels)
         batch_size = labels.shape[0]
@@ -108,6 +111,8 @@ class TextClassifier(pl.LightningModule):
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         loss, logits, labels, metadata = self._shared_step(batch)
+        if labels.numel() == 0:
+            return
         self.test_accuracy(logits, labels)
         self.test_f1(logits, labels)
         batch_size = labels.shape[0]
