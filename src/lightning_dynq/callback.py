@@ -173,9 +173,10 @@ class DynamicQuantCallback(Callback):
         original = pl_module.on_load_checkpoint
 
         def on_load_checkpoint(checkpoint: dict[str, Any]) -> None:
-            original(checkpoint)
+            # Prepare first, so that a module's own check (QATCheckpointMixin) sees a prepared module.
             if QAT_CHECKPOINT_KEY in checkpoint and not boundaries(pl_module):
                 self.preparation = prepare_from_checkpoint(pl_module, checkpoint, self.recipe)
+            original(checkpoint)
 
         pl_module.on_load_checkpoint = on_load_checkpoint
 
@@ -583,20 +584,6 @@ def load_qat_checkpoint(
             ) from error
     module.load_state_dict(checkpoint["state_dict"], strict=strict)
     return module
-
-
-def check_qat_state_dict(module: torch.nn.Module, state_dict: Mapping[str, Any]) -> None:
-    """Raise ValueError when a QAT state_dict is about to be loaded into a module that was not prepared.
-
-    Without this check ``load_state_dict`` fails with a long list of unexpected
-    ``activation_post_process`` and ``weight_fake_quant`` keys.
-    """
-    if any(backend.is_quant_state_key(key) for key in state_dict) and not boundaries(module):
-        raise ValueError(
-            f"This is a quantization-aware training state, but {type(module).__name__} was not prepared for QAT. "
-            "Load the checkpoint with lightning_dynq.load_qat_checkpoint(path, module), which prepares the module "
-            "with the stored plan and then loads it, or pass ckpt_path to a Trainer that has DynamicQuantCallback."
-        )
 
 
 def _get_rng_state() -> dict[str, Any]:

@@ -59,3 +59,18 @@ def test_dynamic_int8_matches_fake_quant_at_any_scale(input_scale):
 
     relative_error = (quantized - fake_quant).abs().max() / fake_quant.abs().max()
     assert relative_error < 0.01
+
+
+def test_dynamic_weights_get_one_scale_per_output_channel():
+    model = trained_dynamic_mlp()
+    backend.enable_observers(model, False)
+    first_weight_fake_quant = model[0].module.weight_fake_quant
+    expected_scales = first_weight_fake_quant.scale.clone()
+
+    int8 = convert_copy(model, engine="fbgemm")
+    weight = int8[0].module.weight()
+
+    assert expected_scales.shape == (256,)
+    assert weight.qscheme() == torch.per_channel_affine
+    torch.testing.assert_close(weight.q_per_channel_scales().float(), expected_scales.float())
+    assert weight.q_per_channel_axis() == 0

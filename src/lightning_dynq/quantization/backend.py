@@ -98,6 +98,8 @@ def _dynamic_qat_qconfig(engine: str) -> Any:
     On fbgemm and x86 it uses ``reduce_range=True``, so only 7 of the 8 activation bits are used
     (range 0..127). ``torch.ao.quantization.default_dynamic_qat_qconfig`` simulates 0..255, which
     makes the int8 model noisier than the fake-quant model; this qconfig matches the kernel.
+    Weights get one scale per output channel on fbgemm and x86, as in their static default and as
+    their dynamic int8 Linear takes them; other engines get one scale per tensor.
     """
     quant_max = 127 if engine in ("fbgemm", "x86") else 255
     activation = tq.FakeQuantize.with_args(
@@ -108,7 +110,9 @@ def _dynamic_qat_qconfig(engine: str) -> Any:
         dtype=torch.quint8,
         averaging_constant=1,
     )
-    return tq.QConfig(activation=activation, weight=tq.default_weight_fake_quant)
+    per_channel = engine in ("fbgemm", "x86")
+    weight = tq.default_per_channel_weight_fake_quant if per_channel else tq.default_weight_fake_quant
+    return tq.QConfig(activation=activation, weight=weight)
 
 
 def is_per_batch(fake_quant: Any) -> bool:

@@ -13,6 +13,7 @@ from torch import nn
 from torchmetrics import Metric
 
 from lightning_dynq.paths import resolve_path
+from lightning_dynq.qat_checkpoint import QATCheckpointMixin
 from lightning_dynq.tasks.common import (
     adamw_with_warmup,
     count_buckets,
@@ -48,7 +49,7 @@ class TokenPerplexity(Metric):
         return {"perplexity": torch.exp(mean_nll), "mean_nll": mean_nll, "tokens": self.tokens.clone()}
 
 
-class CausalLM(pl.LightningModule):
+class CausalLM(QATCheckpointMixin, pl.LightningModule):
     """Fine-tune ``AutoModelForCausalLM`` and report perplexity, overall and per length bucket.
 
     The loss is the mean cross-entropy of predicting each next token, over real tokens only:

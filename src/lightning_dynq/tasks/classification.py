@@ -12,6 +12,7 @@ from torchmetrics import MeanMetric, SumMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from lightning_dynq.paths import resolve_path
+from lightning_dynq.qat_checkpoint import QATCheckpointMixin
 from lightning_dynq.tasks.common import (
     adamw_with_warmup,
     count_buckets,
@@ -20,7 +21,7 @@ from lightning_dynq.tasks.common import (
 )
 
 
-class TextClassifier(pl.LightningModule):
+class TextClassifier(QATCheckpointMixin, pl.LightningModule):
     """Fine-tune ``AutoModelForSequenceClassification`` and report accuracy and macro-F1.
 
     Test metrics are logged as ``test_accuracy``, ``test_f1`` and ``test_loss`` and, when the
