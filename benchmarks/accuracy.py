@@ -64,9 +64,9 @@ def make_datamodule(name: str, args) -> BucketingDataModule:
     return datamodule
 
 
-def make_trainer(callbacks: list | None = None) -> pl.Trainer:
+def make_trainer(callbacks: list | None = None, epochs: int = 1) -> pl.Trainer:
     return pl.Trainer(
-        accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
+        accelerator="cpu", devices=1, max_epochs=epochs, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
         callbacks=callbacks or [], default_root_dir=RUN_DIR,
     )
@@ -90,7 +90,7 @@ def fine_tune(name: str, args, callback: DynamicQuantCallback | None = None) -> 
     pl.seed_everything(args.seed, verbose=False)
     datamodule = make_datamodule(name, args)
     module = TextClassifier(MINILM, num_labels=datamodule.num_labels, learning_rate=args.learning_rate[name])
-    trainer = make_trainer([callback] if callback else None)
+    trainer = make_trainer([callback] if callback else None, epochs=args.epochs[name])
     trainer.fit(module, datamodule=datamodule)
     return module, trainer, datamodule
 
@@ -158,7 +158,7 @@ def evaluate_dataset(name: str, args) -> dict[str, dict[str, float]]:
         print(f"  {name} {label}: {results[label]}", flush=True)
 
     for mode in ("static", "dynamic"):
-        steps = len(make_datamodule(name, args).train_dataloader())
+        steps = len(make_datamodule(name, args).train_dataloader()) * args.epochs[name]
         callback = DynamicQuantCallback(
             qconfig=ENGINE, mode=mode, freeze_observers_at=max(1, int(0.75 * steps)), output_dir=f"{RUN_DIR}/{name}_{mode}/int8"
         )
@@ -230,6 +230,8 @@ def main() -> None:
                         help="seeded test subset per data set (default: the whole test split)")
     parser.add_argument("--learning-rate", type=parse_per_dataset, default=parse_per_dataset("bbc_news=1e-4,banking77=2e-4"),
                         help="peak AdamW learning rate per data set")
+    parser.add_argument("--epochs", type=parse_per_dataset, default=parse_per_dataset("bbc_news=1,banking77=1"),
+                        help="training epochs per data set, such as bbc_news=1,banking77=3")
     parser.add_argument("--calibration-batches", type=int, default=16, help="batches observed by static PTQ")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     parser.add_argument("--seed", type=int, default=42, help="seed of the subsets, the batch order and the model head")

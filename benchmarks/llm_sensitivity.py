@@ -5,8 +5,8 @@ Run from the repository root: ``python -m benchmarks.llm_sensitivity [--exclude 
 No training: each variant quantizes the pretrained model and tests the int8 model on the held-out
 split of ``examples/configs/smollm2_qat.yaml`` (standard-library docstrings, ``max_length`` 64).
 Static variants observe 16 training batches with the padding mask active before conversion;
-dynamic variants need no observation. A variant that keeps a layer group float shows how much
-of the loss that group causes, which tells what ``quant.exclude`` of a QAT run should keep float.
+dynamic variants observe one, which only sets the weight ranges. A variant that keeps a layer group float shows how much
+of the loss that group causes, so the groups with the largest share belong in ``quant.exclude``.
 """
 
 from __future__ import annotations
@@ -61,11 +61,12 @@ def quantize(base: torch.nn.Module, mode: str, exclude: list[str], calibration: 
     prepare_model(model, QuantRecipe(qconfig=ENGINE, mode=mode, exclude=exclude))
     model.eval()
     backend.enable_fake_quant(model, False)
-    if mode == "static":
-        with torch.inference_mode():
-            for batch in calibration:
-                with padding.padding_mask(batch["attention_mask"]):
-                    model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    # Static variants observe every calibration batch; dynamic ones only need the weight observers
+    # to see the weights once.
+    with torch.inference_mode():
+        for batch in calibration if mode == "static" else calibration[:1]:
+            with padding.padding_mask(batch["attention_mask"]):
+                model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     return convert_copy(model, ENGINE)
 
 

@@ -96,7 +96,7 @@ def run_variant(name: str, padded: bool, mask_key: str | None, test_data: Bucket
     datamodule = make_datamodule(name, padded, args)
     steps = len(datamodule.train_dataloader())
     callback = DynamicQuantCallback(
-        mode="static", mask_key=mask_key, freeze_observers_at=max(1, int(0.75 * steps)),
+        mode="static", mask_key=mask_key, freeze_observers_at=max(1, int(0.75 * steps * args.epochs)),
         output_dir=f"{RUN_DIR}/{name}_{'padded' if padded else 'bucketed'}_{mask_key}",
     )
     module = TextClassifier(MINILM, num_labels=datamodule.num_labels, learning_rate=args.learning_rate[name])
@@ -123,12 +123,12 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=128, help="every batch is padded to this many tokens")
     parser.add_argument("--batch-size", type=int, default=16, help="training examples per batch")
     parser.add_argument("--eval-batch-size", type=int, default=32, help="test examples per batch")
-    parser.add_argument("--epochs", type=int, default=1, help="training epochs per run")
+    parser.add_argument("--epochs", type=int, default=2, help="training epochs per run")
     parser.add_argument("--max-train-examples", type=parse_per_dataset, default=parse_per_dataset("sms_spam=1000,banking77=3000"),
                         help="seeded training subset per data set")
-    parser.add_argument("--max-test-examples", type=parse_per_dataset, default=parse_per_dataset(""),
-                        help="seeded test subset per data set (default: the whole test split)")
-    parser.add_argument("--learning-rate", type=parse_per_dataset, default=parse_per_dataset("sms_spam=1e-4,banking77=2e-4"),
+    parser.add_argument("--max-test-examples", type=parse_per_dataset, default=parse_per_dataset("sms_spam=600,banking77=1000"),
+                        help="seeded test subset per data set")
+    parser.add_argument("--learning-rate", type=parse_per_dataset, default=parse_per_dataset("sms_spam=3e-4,banking77=3e-4"),
                         help="peak AdamW learning rate per data set")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     parser.add_argument("--seed", type=int, default=42, help="seed of the subsets, the batch order and the model head")

@@ -324,11 +324,21 @@ def test_unused_module_named_at_convert(tmp_path):
         trainer.fit(ToyModule(unused_layer=True))
 
 
-def test_sharded_strategy_rejected_at_setup():
+class TunedFSDPStrategy(FSDPStrategy):
+    pass
+
+
+# Lightning refuses strategy="fsdp" on a CPU accelerator when the Trainer is built, so a CPU-only
+# test hands the callback a stand-in Trainer that holds a real FSDPStrategy object.
+@pytest.mark.parametrize("strategy_class", [FSDPStrategy, TunedFSDPStrategy])
+def test_sharded_strategy_rejected_at_setup(strategy_class):
     callback = DynamicQuantCallback()
-    trainer = types.SimpleNamespace(strategy=FSDPStrategy())
-    with pytest.raises(ValueError, match="does not support FSDPStrategy"):
-        callback.setup(trainer, ToyModule(), stage="fit")
+    module = ToyModule()
+    trainer = types.SimpleNamespace(strategy=strategy_class())
+    with pytest.raises(ValueError, match=f"does not support {strategy_class.__name__}.*strategy='ddp'"):
+        callback.setup(trainer, module, stage="fit")
+    # Rejected before anything was prepared.
+    assert not boundaries(module)
 
 
 def test_int8_swapped_before_fit_raises():

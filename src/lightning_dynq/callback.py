@@ -140,7 +140,8 @@ class DynamicQuantCallback(Callback):
                 self._wrap_on_load_checkpoint(pl_module)
             return
         strategy_name = type(trainer.strategy).__name__
-        if strategy_name in _REJECTED_STRATEGIES:
+        # Compare class names along the MRO, so subclasses are caught and DeepSpeed need not be installed.
+        if any(cls.__name__ in _REJECTED_STRATEGIES for cls in type(trainer.strategy).__mro__):
             raise ValueError(
                 f"DynamicQuantCallback does not support {strategy_name}: eager-mode quantization swaps whole "
                 "modules, which sharded parameters cannot follow. Use strategy='ddp' or a single device."

@@ -1,4 +1,4 @@
-"""Refuse QAT state for a module that was not prepared, with an error that names the right loader.
+"""Reject QAT state for a module that was not prepared, with an error that names the right loader.
 
 Kept apart from :mod:`lightning_dynq.callback` so that the task modules can use it without
 importing the callback.

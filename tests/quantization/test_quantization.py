@@ -258,6 +258,16 @@ def test_convert_names_module_that_never_ran():
         check_ready_to_convert(model)
 
 
+def test_convert_error_shortens_long_module_list():
+    model = nn.ModuleDict({f"unused_{i:02d}": nn.Linear(4, 4) for i in range(12)})
+    prepare_model(model, QuantRecipe())
+    with pytest.raises(RuntimeError) as error:
+        check_ready_to_convert(model)
+    message = str(error.value)
+    assert "'unused_09'] and 2 more (12 in all) never ran during training" in message
+    assert "unused_10" not in message
+
+
 def test_convert_names_module_with_invalid_scale():
     model = nn.ModuleDict({"good": nn.Linear(4, 4), "bad": nn.Linear(4, 4)})
     prepare_model(model, QuantRecipe())

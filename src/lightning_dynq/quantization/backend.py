@@ -418,7 +418,9 @@ def _install_padding_hooks(fake_quant: Any) -> None:
         state["inner_call"] = True
         try:
             module.enable_fake_quant(False)
-            module(x[mask.to(device=x.device, dtype=torch.bool)])
+            # Observation needs no gradient, so autograd records nothing for this extra pass.
+            with torch.no_grad():
+                module(x[mask.to(device=x.device, dtype=torch.bool)])
         finally:
             module.enable_fake_quant(fake_quant_on)
             state["inner_call"] = False

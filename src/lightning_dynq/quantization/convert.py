@@ -21,14 +21,14 @@ def check_ready_to_convert(model: nn.Module) -> None:
     unobserved = sorted({_owner(name, model) for name in backend.unobserved_fake_quants(model)})
     if unobserved:
         raise RuntimeError(
-            f"Quantized modules {unobserved} never ran during training, so their observers have no range. "
+            f"Quantized modules {_name_list(unobserved)} never ran during training, so their observers have no range. "
             "Exclude them from quantization (exclude or overrides with None), or make sure training_step "
             "runs them."
         )
     invalid = sorted({_owner(name, model) for name in backend.invalid_scales(model)})
     if invalid:
         raise RuntimeError(
-            f"Quantized modules {invalid} have a NaN, infinite or zero scale: their inputs, outputs or weights "
+            f"Quantized modules {_name_list(invalid)} have a NaN, infinite or zero scale: their inputs, outputs or weights "
             "contain NaN/inf values or are all zero. Fix the diverged training (lower the learning rate, clip "
             "gradients) or keep these modules float with overrides."
         )
@@ -56,6 +56,13 @@ def convert_copy(model: nn.Module, engine: str, check: bool = True, memo: dict[i
         for boundary in boundaries(quantized).values():
             backend.convert_boundary(boundary)
     return quantized
+
+
+def _name_list(names: list[str], limit: int = 10) -> str:
+    """Format module names for an error message: all of them up to ``limit``, then a count of the rest."""
+    if len(names) <= limit:
+        return str(names)
+    return f"{names[:limit]} and {len(names) - limit} more ({len(names)} in all)"
 
 
 def _cpu_copy(tensor: torch.Tensor) -> torch.Tensor:
