@@ -4,7 +4,9 @@ Run from the repository root: ``python -m benchmarks.padding_observers [--datase
 
 Every batch is padded to ``max_length`` (one bucket, ``static_shapes=True``), so most positions
 the observers see are padding when texts are short: SMS Spam has a median of 20 tokens, BANKING77
-of 13. Three static QAT runs of MiniLM start from the same seed and see the same batches:
+of 13. Each static QAT run of MiniLM trains in float for the first half of the steps while the
+observers collect ranges, then with fake quantization, and the observers freeze after three
+quarters of the steps. The three runs start from the same seed:
 
 1. padded, ``mask_key="attention_mask"`` (the default): activation observers skip padded positions;
 2. padded, ``mask_key=None``: observers take their ranges from every position, padding included;
@@ -95,8 +97,10 @@ def run_variant(name: str, padded: bool, mask_key: str | None, test_data: Bucket
     pl.seed_everything(args.seed, verbose=False)
     datamodule = make_datamodule(name, padded, args)
     steps = len(datamodule.train_dataloader())
+    total_steps = steps * args.epochs
     callback = DynamicQuantCallback(
-        mode="static", mask_key=mask_key, freeze_observers_at=max(1, int(0.75 * steps * args.epochs)),
+        mode="static", mask_key=mask_key, fake_quant_start=int(args.fake_quant_start * total_steps),
+        freeze_observers_at=max(1, int(0.75 * total_steps)),
         output_dir=f"{RUN_DIR}/{name}_{'padded' if padded else 'bucketed'}_{mask_key}",
     )
     module = TextClassifier(MINILM, num_labels=datamodule.num_labels, learning_rate=args.learning_rate[name])
@@ -113,7 +117,7 @@ def run_variant(name: str, padded: bool, mask_key: str | None, test_data: Bucket
         "fake_quant": report["fake_quant"]["overall"]["test_accuracy"],
         "int8": report["int8"]["overall"]["test_accuracy"],
         "range_width": mean_range_width(module),
-        "steps": steps * args.epochs,
+        "steps": total_steps,
     }
 
 
@@ -128,8 +132,10 @@ def main() -> None:
                         help="seeded training subset per data set")
     parser.add_argument("--max-test-examples", type=parse_per_dataset, default=parse_per_dataset("sms_spam=600,banking77=1000"),
                         help="seeded test subset per data set")
-    parser.add_argument("--learning-rate", type=parse_per_dataset, default=parse_per_dataset("sms_spam=3e-4,banking77=3e-4"),
+    parser.add_argument("--learning-rate", type=parse_per_dataset, default=parse_per_dataset("sms_spam=1e-4,banking77=2e-4"),
                         help="peak AdamW learning rate per data set")
+    parser.add_argument("--fake-quant-start", type=float, default=0.5,
+                        help="share of the training steps run in float before fake quantization starts")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     parser.add_argument("--seed", type=int, default=42, help="seed of the subsets, the batch order and the model head")
     parser.add_argument("--output", default=None, help="also write the results to this JSON file")

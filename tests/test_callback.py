@@ -328,8 +328,8 @@ class TunedFSDPStrategy(FSDPStrategy):
     pass
 
 
-# Lightning refuses strategy="fsdp" on a CPU accelerator when the Trainer is built, so a CPU-only
-# test hands the callback a stand-in Trainer that holds a real FSDPStrategy object.
+# Lightning rejects strategy="fsdp" on a CPU accelerator when the Trainer is built, so this CPU
+# test passes the callback a stand-in Trainer with a real FSDPStrategy object.
 @pytest.mark.parametrize("strategy_class", [FSDPStrategy, TunedFSDPStrategy])
 def test_sharded_strategy_rejected_at_setup(strategy_class):
     callback = DynamicQuantCallback()

@@ -130,7 +130,7 @@ def test_load_from_checkpoint_into_unprepared_module_names_loader(runs):
         TinyBertClassifier.load_from_checkpoint(runs["checkpoint"])
 
 
-def test_task_modules_refuse_unprepared_qat_state(runs):
+def test_task_modules_reject_unprepared_qat_state(runs):
     from lightning_dynq.tasks import TextClassifier
 
     stored = torch.load(runs["checkpoint"], weights_only=False)

@@ -174,7 +174,7 @@ class DynamicQuantCallback(Callback):
         original = pl_module.on_load_checkpoint
 
         def on_load_checkpoint(checkpoint: dict[str, Any]) -> None:
-            # Prepare first, so that a module's own check (QATCheckpointMixin) sees a prepared module.
+            # Prepare first, so that the module's own check (QATCheckpointMixin) finds a prepared module.
             if QAT_CHECKPOINT_KEY in checkpoint and not boundaries(pl_module):
                 self.preparation = prepare_from_checkpoint(pl_module, checkpoint, self.recipe)
             original(checkpoint)

@@ -183,9 +183,15 @@ def test_embedding_weight_only_when_requested():
     assert qconfig.weight.p.keywords["qscheme"] == torch.per_channel_affine_float_qparams
     # The weight-only qconfig has no activation fake quantization.
     assert backend.activation_fake_quants(model[0]) == []
-    model(torch.randint(0, 20, (2, 5)))
+    tokens = torch.randint(0, 20, (2, 5))
+    model(tokens)
+    # Training sees the weight-only rounding: one float scale and zero point per row, 8 bits.
+    fake_quant_rows = model[0].module(tokens)
+    assert not torch.equal(fake_quant_rows, model[0].module.weight[tokens])
     quantized = convert_copy(model, "fbgemm")
     assert quantized_modules(quantized)["0"] == "torch.ao.nn.quantized.modules.embedding_ops.Embedding"
+    # The int8 table returns exactly the rows that training saw.
+    torch.testing.assert_close(quantized[0].module(tokens), fake_quant_rows, rtol=0, atol=1e-6)
 
 
 def test_dynamic_mode_keeps_conv_float():

@@ -22,7 +22,9 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     import torch.ao.nn.intrinsic as nni
     import torch.ao.nn.intrinsic.qat as nniqat
+    import torch.ao.nn.qat as nnqat
     import torch.ao.nn.qat.dynamic as nnqatd
+    import torch.ao.nn.quantized as nnq
     import torch.ao.nn.quantized.dynamic as nnqd
     import torch.ao.quantization as tq
     from torch.ao.quantization.quantization_mappings import (
@@ -98,8 +100,8 @@ def _dynamic_qat_qconfig(engine: str) -> Any:
     On fbgemm and x86 it uses ``reduce_range=True``, so only 7 of the 8 activation bits are used
     (range 0..127). ``torch.ao.quantization.default_dynamic_qat_qconfig`` simulates 0..255, which
     makes the int8 model noisier than the fake-quant model; this qconfig matches the kernel.
-    Weights get one scale per output channel on fbgemm and x86, as in their static default and as
-    their dynamic int8 Linear takes them; other engines get one scale per tensor.
+    Weights get one scale per output channel on fbgemm and x86, because their dynamic int8 Linear
+    accepts that and their static default uses it too. Other engines get one scale per tensor.
     """
     quant_max = 127 if engine in ("fbgemm", "x86") else 255
     activation = tq.FakeQuantize.with_args(
@@ -210,12 +212,18 @@ class QuantBoundary(nn.Module):
 def _qat_mapping(kind: str) -> dict[type[nn.Module], type[nn.Module]]:
     if kind == "dynamic":
         return {nn.Linear: nnqatd.Linear}
+    if kind == "weight_only":
+        # torch 2.13's default QAT mappings leave nn.Embedding out, so without this entry the
+        # embedding would train in float and only be quantized at convert.
+        return {nn.Embedding: nnqat.Embedding}
     return get_default_qat_module_mappings()
 
 
 def _convert_mapping(kind: str) -> dict[type[nn.Module], type[nn.Module]]:
     if kind == "dynamic":
         return {nnqatd.Linear: nnqd.Linear, nniqat.LinearReLU: nnqd.Linear}
+    if kind == "weight_only":
+        return {nnqat.Embedding: nnq.Embedding}
     return get_default_static_quant_module_mappings()
 
 
