@@ -12,8 +12,9 @@ All three samplers see the same training examples, tokenized by the MiniLM token
   cut into batches the same way.
 
 The real-token share counts every batch of the epoch. The epoch time is estimated from
-``--timed-batches`` batches spread evenly over the epoch order, each timed as one fp32 training
-step of the pretrained all-MiniLM-L6-v2 classifier (forward, backward, AdamW step). The samplers
+``--timed-batches`` batches per sampler, taken at evenly spaced quantiles of padded batch size
+(batch x length), each timed as one fp32 training step of the pretrained all-MiniLM-L6-v2
+classifier (forward, backward, AdamW step). The samplers
 take turns batch by batch, so load from other processes affects all of them alike. Tokens per
 second = real tokens of the epoch / (mean step time x batches in the epoch).
 """
@@ -102,9 +103,12 @@ def measure(name: str, args) -> list[dict]:
         for items in batches.values():
             train_step(model, optimizer, items[0], qat=False)
 
-    for position in np.linspace(0, 1, args.timed_batches, endpoint=False):
+    # Stratified by padded size: batch k of a sampler's timed batches sits at quantile (k + 0.5) / T
+    # of its batches sorted by padded size, so each timed batch stands for an equal share of the epoch.
+    by_size = {sampler: np.argsort([b["input_ids"].numel() for b in items], kind="stable") for sampler, items in batches.items()}
+    for k in range(args.timed_batches):
         for sampler, items in batches.items():
-            batch = items[int(position * len(items))]
+            batch = items[int(by_size[sampler][int((k + 0.5) * len(items) / args.timed_batches)])]
             start = time.perf_counter()
             train_step(model, optimizer, batch, qat=False)
             step_times[sampler].append(time.perf_counter() - start)
