@@ -103,8 +103,8 @@ def measure(name: str, args) -> list[dict]:
         for items in batches.values():
             train_step(model, optimizer, items[0], qat=False)
 
-    # Stratified by padded size: batch k of a sampler's timed batches sits at quantile (k + 0.5) / T
-    # of its batches sorted by padded size, so each timed batch stands for an equal share of the epoch.
+    # Timed batch k is the one at quantile (k + 0.5) / timed_batches of the sampler's batches sorted
+    # by padded size, so each timed batch represents an equal share of the epoch.
     by_size = {sampler: np.argsort([b["input_ids"].numel() for b in items], kind="stable") for sampler, items in batches.items()}
     for k in range(args.timed_batches):
         for sampler, items in batches.items():
