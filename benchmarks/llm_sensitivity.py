@@ -1,4 +1,4 @@
-"""Which SmolLM2-135M layers int8 hurts: perplexity after post-training quantization, by recipe.
+"""Post-training int8 perplexity of SmolLM2-135M with one layer group kept float at a time.
 
 Run from the repository root: ``python -m benchmarks.llm_sensitivity [--exclude '*mlp.down_proj' ...]``.
 

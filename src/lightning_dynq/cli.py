@@ -13,6 +13,7 @@ prints its bucket statistics, without loading a model or training.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -42,11 +43,27 @@ class DynqCLI(LightningCLI):
             apply_on="instantiate",
         )
 
+    def _run_subcommand(self, subcommand: str) -> None:
+        try:
+            super()._run_subcommand(subcommand)
+        except BaseException:
+            # A run that fails early (bad column, unmatched pattern) leaves no empty version folder.
+            _remove_empty_log_dir(self.trainer)
+            raise
+
     def after_fit(self) -> None:
         if not self.config[self.subcommand].get("test_after_fit", True):
             return
         callback = next(cb for cb in self.trainer.callbacks if isinstance(cb, DynamicQuantCallback))
         callback.test_fake_quant_and_int8(self.trainer, self.model, datamodule=self.datamodule)
+
+
+def _remove_empty_log_dir(trainer: pl.Trainer) -> None:
+    log_dir = trainer.log_dir
+    if log_dir is not None and trainer.is_global_zero:
+        path = Path(log_dir)
+        if path.is_dir() and not any(path.iterdir()):
+            path.rmdir()
 
 
 def _num_labels_or_none(datamodule: BucketingDataModule) -> Any:

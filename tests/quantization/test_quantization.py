@@ -147,6 +147,15 @@ def test_check_patterns_names_unmatched_pattern():
         check_patterns(model, recipe, preparation)
 
 
+def test_unmatched_pattern_hint_lists_quantized_modules():
+    model = nn.Sequential(nn.Embedding(20, 8), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), nn.Linear(8, 3))
+    recipe = QuantRecipe(exclude=["head"], fuse=False)
+    preparation = prepare_model(model, recipe)
+    # The float embedding is not a useful example, so the hint names the quantized Linears.
+    with pytest.raises(ValueError, match=r"look like \['1', '3', '4'\]; fix the pattern"):
+        check_patterns(model, recipe, preparation)
+
+
 def test_check_patterns_rejects_empty_selection():
     model = nn.Sequential(nn.Embedding(10, 4), nn.LayerNorm(4))
     recipe = QuantRecipe()
@@ -185,7 +194,7 @@ def test_embedding_weight_only_when_requested():
     assert backend.activation_fake_quants(model[0]) == []
     tokens = torch.randint(0, 20, (2, 5))
     model(tokens)
-    # Training sees the weight-only rounding: one float scale and zero point per row, 8 bits.
+    # Training uses the weight-only rounding: one float scale and zero point per row, 8 bits.
     fake_quant_rows = model[0].module(tokens)
     assert not torch.equal(fake_quant_rows, model[0].module.weight[tokens])
     quantized = convert_copy(model, "fbgemm")

@@ -120,6 +120,9 @@ def prepare_model(
 def check_patterns(model: nn.Module, recipe: QuantRecipe, preparation: Preparation) -> None:
     """Raise ValueError for a recipe pattern that matches no module, or when nothing was prepared."""
     names = list(preparation.module_types)
+    # Examples for the message: modules this recipe quantizes, spread over the model.
+    quantized = list(preparation.quantized) or names
+    examples = sorted({quantized[0], quantized[len(quantized) // 2], quantized[-1]}, key=quantized.index) if quantized else []
     for field_name, patterns in (
         ("overrides", list(recipe.overrides)),
         ("exclude", recipe.exclude),
@@ -129,7 +132,7 @@ def check_patterns(model: nn.Module, recipe: QuantRecipe, preparation: Preparati
             if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
                 raise ValueError(
                     f"Pattern {pattern!r} in {field_name} matches no quantizable module. Module names look like "
-                    f"{names[:3]}; fix the pattern or remove it."
+                    f"{examples}; fix the pattern or remove it."
                 )
     if not preparation.quantized:
         raise ValueError(
