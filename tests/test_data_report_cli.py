@@ -68,13 +68,13 @@ def report_output(config_file) -> str:
 
 def test_data_report_header(report_output):
     assert "bucket boundaries: [12, 16, 27, 98]" in report_output
-    assert "training sort window: 50 batches" in report_output
+    assert "training rows sorted by length in windows of 50 batches" in report_output
     assert "overflow (truncate): {'train': 0, 'validation': 0, 'test': 0}" in report_output
 
 
 def test_data_report_train_split(report_output):
     train = split_section(report_output, "train")
-    assert train.startswith("train: 9002 examples, 145765 tokens, 283 steps per epoch")
+    assert train.startswith("train: 9002 examples, 145765 tokens, 283 batches per epoch")
     rows = re.findall(r"^\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)$", train, flags=re.MULTILINE)
     # bucket, max length, batch size, examples, tokens
     assert [tuple(int(v) for v in row) for row in rows] == [
@@ -84,23 +84,23 @@ def test_data_report_train_split(report_output):
         (3, 98, 32, 904, 35314),
     ]
     assert "distinct shapes: 48 " in train
-    assert "real-token share: bucketed 0.989, random batches of 32 0.347" in train
+    assert "real-token share: bucketed 0.989, random batches (same mean batch size, 32) 0.347" in train
 
 
 def test_data_report_eval_splits(report_output):
     validation = split_section(report_output, "validation")
     test = split_section(report_output, "test")
-    assert validation.startswith("validation: 1001 examples, 16421 tokens, 33 steps per epoch")
-    assert test.startswith("test: 3080 examples, 46414 tokens, 98 steps per epoch")
-    assert "real-token share: bucketed 0.976, random batches of 31 0.358" in test
+    assert validation.startswith("validation: 1001 examples, 16421 tokens, 33 batches per epoch")
+    assert test.startswith("test: 3080 examples, 46414 tokens, 98 batches per epoch")
+    assert "real-token share: bucketed 0.976, random batches (same mean batch size, 31) 0.358" in test
 
 
 def test_data_report_command_line_override(config_file, capsys):
     output = run_data_report(config_file, capsys, "--data.batch_size", "16", "--data.sort_window", "0")
     train = split_section(output, "train")
-    assert "training sort window: 0 batches" in output
-    assert train.startswith("train: 9002 examples, 145765 tokens, 564 steps per epoch")
-    assert "real-token share: bucketed 0.775, random batches of 16 0.410" in train
+    assert "training rows not sorted by length (sort_window 0 or 1)" in output
+    assert train.startswith("train: 9002 examples, 145765 tokens, 564 batches per epoch")
+    assert "real-token share: bucketed 0.775, random batches (same mean batch size, 16) 0.410" in train
 
 
 def test_data_report_missing_data_section(tmp_path, capsys):

@@ -59,11 +59,14 @@ class DynqCLI(LightningCLI):
 
 
 def _remove_empty_log_dir(trainer: pl.Trainer) -> None:
-    log_dir = trainer.log_dir
-    if log_dir is not None and trainer.is_global_zero:
-        path = Path(log_dir)
-        if path.is_dir() and not any(path.iterdir()):
-            path.rmdir()
+    """Remove the run's log folder and its empty parents up to ``default_root_dir``, if all are empty."""
+    if trainer.log_dir is None or not trainer.is_global_zero:
+        return
+    path = Path(trainer.log_dir).resolve()
+    root = Path(trainer.default_root_dir).resolve()
+    while path != root and root in path.parents and path.is_dir() and not any(path.iterdir()):
+        path.rmdir()
+        path = path.parent
 
 
 def _num_labels_or_none(datamodule: BucketingDataModule) -> Any:

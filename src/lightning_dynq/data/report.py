@@ -78,12 +78,16 @@ def format_data_report(report: dict[str, Any] | Any) -> str:
 
     lines = [
         f"bucket boundaries: {report['bucket_boundaries']}",
-        f"training sort window: {report['sort_window']} batches (0 or 1: no sort)",
+        (
+            f"training rows sorted by length in windows of {report['sort_window']} batches"
+            if report["sort_window"] > 1
+            else "training rows not sorted by length (sort_window 0 or 1)"
+        ),
         f"overflow ({report['overflow_policy']}): {report['overflow']}",
     ]
     for split, stats in report["splits"].items():
         lines.append("")
-        lines.append(f"{split}: {stats['examples']} examples, {stats['tokens']} tokens, {stats['steps']} steps per epoch")
+        lines.append(f"{split}: {stats['examples']} examples, {stats['tokens']} tokens, {stats['steps']} batches per epoch")
         lines.append(f"  {'bucket':>6} {'max_len':>7} {'batch':>5} {'examples':>8} {'tokens':>9}")
         for row in stats["buckets"]:
             lines.append(
@@ -92,6 +96,6 @@ def format_data_report(report: dict[str, Any] | Any) -> str:
         lines.append(f"  distinct shapes: {len(stats['shapes'])} {stats['shapes'][:8]}{' ...' if len(stats['shapes']) > 8 else ''}")
         lines.append(
             f"  real-token share: bucketed {stats['real_token_share']:.3f}, "
-            f"random batches of {stats['random_batch_size']} {stats['random_real_token_share']:.3f}"
+            f"random batches (same mean batch size, {stats['random_batch_size']}) {stats['random_real_token_share']:.3f}"
         )
     return "\n".join(lines)
