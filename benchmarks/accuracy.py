@@ -160,7 +160,8 @@ def evaluate_dataset(name: str, args) -> dict[str, dict[str, float]]:
     for mode in ("static", "dynamic"):
         steps = len(make_datamodule(name, args).train_dataloader()) * args.epochs[name]
         callback = DynamicQuantCallback(
-            qconfig=ENGINE, mode=mode, freeze_observers_at=max(1, int(0.75 * steps)), output_dir=f"{RUN_DIR}/{name}_{mode}/int8"
+            qconfig=ENGINE, mode=mode, fake_quant_start=int(args.fake_quant_start * steps),
+            freeze_observers_at=max(1, int(0.75 * steps)), output_dir=f"{RUN_DIR}/{name}_{mode}/int8",
         )
         module, trainer, datamodule = fine_tune(name, args, callback)
         report = callback.test_fake_quant_and_int8(trainer, module, datamodule)
@@ -232,6 +233,8 @@ def main() -> None:
                         help="peak AdamW learning rate per data set")
     parser.add_argument("--epochs", type=parse_per_dataset, default=parse_per_dataset("bbc_news=1,banking77=1"),
                         help="training epochs per data set, such as bbc_news=1,banking77=3")
+    parser.add_argument("--fake-quant-start", type=float, default=0.0,
+                        help="share of the QAT runs' steps trained in float before fake quantization starts")
     parser.add_argument("--calibration-batches", type=int, default=16, help="batches observed by static PTQ")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     parser.add_argument("--seed", type=int, default=42, help="seed of the subsets, the batch order and the model head")
