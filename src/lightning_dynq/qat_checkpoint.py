@@ -1,4 +1,4 @@
-"""Reject QAT state for a module that was not prepared, with an error that names the right loader.
+"""Checks that reject QAT state for a module that was not prepared, naming the right loader.
 
 Kept apart from :mod:`lightning_dynq.callback` so that the task modules can use it without
 importing the callback.
@@ -32,11 +32,10 @@ def check_qat_state_dict(module: torch.nn.Module, state_dict: Mapping[str, Any])
 class QATCheckpointMixin:
     """LightningModule mixin: loading a QAT checkpoint into an unprepared module names the right loader.
 
-    Put it before ``LightningModule`` in the bases. ``MyModule.load_from_checkpoint(path)`` and
-    ``load_state_dict`` paths through Lightning then raise the ValueError of
-    :func:`check_qat_state_dict` instead of torch's list of unexpected fake-quant keys. A module
-    that the callback prepared first (``trainer.fit(ckpt_path=...)``, or :func:`load_qat_checkpoint`)
-    loads as usual.
+    Put it before ``LightningModule`` in the bases. ``MyModule.load_from_checkpoint(path)`` on a
+    QAT checkpoint then raises the ValueError of :func:`check_qat_state_dict` instead of torch's
+    list of unexpected fake-quant keys. A module that was prepared first, by the callback in
+    ``trainer.fit(ckpt_path=...)`` or by :func:`load_qat_checkpoint`, loads as usual.
     """
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -122,7 +122,10 @@ def check_patterns(model: nn.Module, recipe: QuantRecipe, preparation: Preparati
     names = list(preparation.module_types)
     # Examples for the message: modules this recipe quantizes, spread over the model.
     quantized = list(preparation.quantized) or names
-    examples = sorted({quantized[0], quantized[len(quantized) // 2], quantized[-1]}, key=quantized.index) if quantized else []
+    examples = []
+    for index in (0, len(quantized) // 2, len(quantized) - 1):
+        if quantized and quantized[index] not in examples:
+            examples.append(quantized[index])
     for field_name, patterns in (
         ("overrides", list(recipe.overrides)),
         ("exclude", recipe.exclude),
