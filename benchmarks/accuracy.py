@@ -6,7 +6,8 @@ For each data set, in one process and with the same ``BucketingDataModule`` sett
 
 1. fp32: ``TextClassifier`` (pretrained all-MiniLM-L6-v2) fine-tuned without quantization.
 2. QAT static and QAT dynamic: the same fine-tuning with ``DynamicQuantCallback(mode=...)``,
-   observers frozen after 75% of the steps; the int8 model is tested through
+   observers frozen after 75% of the steps, or halfway through the fake-quant phase when
+   ``--fake-quant-start`` is above 0.5; the int8 model is tested through
    ``test_fake_quant_and_int8``.
 3. Post-training quantization of the fp32 model from step 1, with the same quantization package
    (``prepare_model`` with fake quantization off, observation, ``convert_copy``):
@@ -32,7 +33,16 @@ import lightning.pytorch as pl
 import torch
 
 from benchmarks.epoch_throughput import load_bbc_news
-from benchmarks.harness import BANKING77, MINILM, fix_threads, machine_line, print_table, save_results
+from benchmarks.harness import (
+    BANKING77,
+    MINILM,
+    add_fine_tuning_options,
+    fix_threads,
+    machine_line,
+    parse_per_dataset,
+    print_table,
+    save_results,
+)
 from lightning_dynq import DynamicQuantCallback
 from lightning_dynq.datamodule import BucketingDataModule
 from lightning_dynq.quantization import QuantRecipe, backend, convert_copy, padding, prepare_model
@@ -159,9 +169,10 @@ def evaluate_dataset(name: str, args) -> dict[str, dict[str, float]]:
 
     for mode in ("static", "dynamic"):
         steps = len(make_datamodule(name, args).train_dataloader()) * args.epochs[name]
+        freeze_share = max(0.75, (1 + args.fake_quant_start) / 2)
         callback = DynamicQuantCallback(
             qconfig=ENGINE, mode=mode, fake_quant_start=int(args.fake_quant_start * steps),
-            freeze_observers_at=max(1, int(0.75 * steps)), output_dir=f"{RUN_DIR}/{name}_{mode}/int8",
+            freeze_observers_at=max(1, int(freeze_share * steps)), output_dir=f"{RUN_DIR}/{name}_{mode}/int8",
         )
         module, trainer, datamodule = fine_tune(name, args, callback)
         report = callback.test_fake_quant_and_int8(trainer, module, datamodule)
@@ -209,36 +220,18 @@ def print_results(name: str, results: dict[str, Any]) -> None:
     print_table(header, rows)
 
 
-def parse_per_dataset(text: str) -> dict[str, Any]:
-    """Parse ``"bbc_news=600,banking77=3000"`` into a dict of numbers."""
-    result: dict[str, Any] = {}
-    for item in filter(None, text.split(",")):
-        key, _, value = item.partition("=")
-        result[key.strip()] = float(value) if "." in value or "e" in value else int(value)
-    return result
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--datasets", default="bbc_news,banking77", help="comma-separated: bbc_news, banking77")
     parser.add_argument("--max-length", type=int, default=128, help="tokens per text after truncation")
     parser.add_argument("--num-buckets", type=int, default=4, help="target number of length buckets")
-    parser.add_argument("--batch-size", type=int, default=16, help="training examples per batch")
-    parser.add_argument("--eval-batch-size", type=int, default=32, help="test examples per batch")
-    parser.add_argument("--max-train-examples", type=parse_per_dataset, default=parse_per_dataset("bbc_news=600,banking77=3000"),
-                        help="seeded training subset per data set, such as bbc_news=600,banking77=3000")
-    parser.add_argument("--max-test-examples", type=parse_per_dataset, default=parse_per_dataset(""),
-                        help="seeded test subset per data set (default: the whole test split)")
-    parser.add_argument("--learning-rate", type=parse_per_dataset, default=parse_per_dataset("bbc_news=1e-4,banking77=2e-4"),
-                        help="peak AdamW learning rate per data set")
     parser.add_argument("--epochs", type=parse_per_dataset, default=parse_per_dataset("bbc_news=1,banking77=1"),
                         help="training epochs per data set, such as bbc_news=1,banking77=3")
-    parser.add_argument("--fake-quant-start", type=float, default=0.0,
-                        help="share of the QAT runs' steps trained in float before fake quantization starts")
     parser.add_argument("--calibration-batches", type=int, default=16, help="batches observed by static PTQ")
-    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
-    parser.add_argument("--seed", type=int, default=42, help="seed of the subsets, the batch order and the model head")
-    parser.add_argument("--output", default=None, help="also write the results to this JSON file")
+    add_fine_tuning_options(
+        parser, max_train_examples="bbc_news=600,banking77=3000", max_test_examples="",
+        learning_rate="bbc_news=1e-4,banking77=2e-4", fake_quant_start=0.0,
+    )
     args = parser.parse_args()
     fix_threads(args.threads)
     print(machine_line(args.threads), flush=True)

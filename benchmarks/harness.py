@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import os
@@ -31,6 +32,42 @@ def parse_shapes(text: str) -> list[tuple[int, int]]:
             raise ValueError(f"Invalid shape {item!r}: expected BATCHxLENGTH such as 32x16.")
         shapes.append((int(batch), int(length)))
     return shapes
+
+
+def parse_per_dataset(text: str) -> dict[str, Any]:
+    """Parse ``"bbc_news=600,banking77=3000"`` into a dict of numbers."""
+    result: dict[str, Any] = {}
+    for item in filter(None, text.split(",")):
+        key, _, value = item.partition("=")
+        result[key.strip()] = float(value) if "." in value or "e" in value else int(value)
+    return result
+
+
+def add_fine_tuning_options(
+    parser: argparse.ArgumentParser,
+    *,
+    max_train_examples: str,
+    max_test_examples: str,
+    learning_rate: str,
+    fake_quant_start: float,
+) -> None:
+    """Add the options that the MiniLM fine-tuning benchmarks share, with per-script defaults.
+
+    Per-dataset options take ``name=value`` lists such as ``bbc_news=600,banking77=3000``.
+    """
+    parser.add_argument("--batch-size", type=int, default=16, help="training examples per batch")
+    parser.add_argument("--eval-batch-size", type=int, default=32, help="test examples per batch")
+    parser.add_argument("--max-train-examples", type=parse_per_dataset, default=parse_per_dataset(max_train_examples),
+                        help=f"seeded training subset per data set (default: {max_train_examples})")
+    parser.add_argument("--max-test-examples", type=parse_per_dataset, default=parse_per_dataset(max_test_examples),
+                        help=f"seeded test subset per data set (default: {max_test_examples or 'the whole test split'})")
+    parser.add_argument("--learning-rate", type=parse_per_dataset, default=parse_per_dataset(learning_rate),
+                        help=f"peak AdamW learning rate per data set (default: {learning_rate})")
+    parser.add_argument("--fake-quant-start", type=float, default=fake_quant_start,
+                        help="share of the QAT runs' steps trained in float before fake quantization starts")
+    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    parser.add_argument("--seed", type=int, default=42, help="seed of the subsets, the batch order and the model head")
+    parser.add_argument("--output", default=None, help="also write the results to this JSON file")
 
 
 def machine_line(threads: int) -> str:

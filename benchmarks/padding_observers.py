@@ -31,8 +31,16 @@ import lightning.pytorch as pl
 import torch
 from datasets import Dataset, DatasetDict
 
-from benchmarks.accuracy import parse_per_dataset
-from benchmarks.harness import BANKING77, MINILM, REPO_ROOT, fix_threads, machine_line, print_table, save_results
+from benchmarks.harness import (
+    BANKING77,
+    MINILM,
+    REPO_ROOT,
+    add_fine_tuning_options,
+    fix_threads,
+    machine_line,
+    print_table,
+    save_results,
+)
 from lightning_dynq import DynamicQuantCallback
 from lightning_dynq.datamodule import BucketingDataModule
 from lightning_dynq.quantization import backend
@@ -125,20 +133,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--datasets", default="sms_spam", help="comma-separated: sms_spam, banking77")
     parser.add_argument("--max-length", type=int, default=128, help="every batch is padded to this many tokens")
-    parser.add_argument("--batch-size", type=int, default=16, help="training examples per batch")
-    parser.add_argument("--eval-batch-size", type=int, default=32, help="test examples per batch")
     parser.add_argument("--epochs", type=int, default=2, help="training epochs per run")
-    parser.add_argument("--max-train-examples", type=parse_per_dataset, default=parse_per_dataset("sms_spam=1000,banking77=3000"),
-                        help="seeded training subset per data set")
-    parser.add_argument("--max-test-examples", type=parse_per_dataset, default=parse_per_dataset("sms_spam=600,banking77=1000"),
-                        help="seeded test subset per data set")
-    parser.add_argument("--learning-rate", type=parse_per_dataset, default=parse_per_dataset("sms_spam=1e-4,banking77=2e-4"),
-                        help="peak AdamW learning rate per data set")
-    parser.add_argument("--fake-quant-start", type=float, default=0.5,
-                        help="share of the training steps run in float before fake quantization starts")
-    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
-    parser.add_argument("--seed", type=int, default=42, help="seed of the subsets, the batch order and the model head")
-    parser.add_argument("--output", default=None, help="also write the results to this JSON file")
+    add_fine_tuning_options(
+        parser, max_train_examples="sms_spam=1000,banking77=3000", max_test_examples="sms_spam=600,banking77=1000",
+        learning_rate="sms_spam=1e-4,banking77=2e-4", fake_quant_start=0.5,
+    )
     args = parser.parse_args()
     fix_threads(args.threads)
     print(machine_line(args.threads), flush=True)
