@@ -66,7 +66,7 @@ def test_cpu_fake_quant_keeps_engine_default_settings():
     assert (weight.quant_min, weight.quant_max, weight.qscheme) == (-128, 127, torch.per_channel_symmetric)
 
 
-def test_cpu_fake_quant_leaves_scale_alone_when_observer_is_off():
+def test_cpu_fake_quant_frozen_observer():
     fake_quant = backend.make_qconfig("static", "fbgemm").activation()
     fake_quant(torch.linspace(-1.0, 3.0, 64))
     scale, zero_point = fake_quant.scale.clone(), fake_quant.zero_point.clone()
@@ -79,7 +79,7 @@ def test_cpu_fake_quant_leaves_scale_alone_when_observer_is_off():
     assert float(out.max()) == pytest.approx(3.0, abs=float(scale))
 
 
-def test_cpu_fake_quant_uses_torch_kernels_for_other_dtypes_and_float_zero_points():
+def test_cpu_fake_quant_torch_fallback():
     fake_quant = backend.make_qconfig("static", "fbgemm").activation()
     x = torch.randn(8, 16, dtype=torch.float64)
     assert fake_quant(x).dtype == torch.float64

@@ -120,8 +120,8 @@ def _dynamic_qat_qconfig(engine: str) -> Any:
 # ----------------------------------------------------------------------------------------------
 # Fake quantization with faster CPU kernels
 #
-# Measured with torch 2.13 on a 2-core x86 machine: the CPU fake-quantize kernels took about 4 ns
-# per element, the fused per-channel op ran one select and one fill per channel, and ``aminmax``
+# Measured with torch 2.13 on a 2-core x86 machine, the CPU fake-quantize kernels took about 4 ns
+# per element. The fused per-channel op ran one select and one fill per channel, and ``aminmax``
 # along one dimension was about 18x slower than ``amin`` plus ``amax``. The classes below compute
 # the same values with whole-tensor operations, 3x to 4x faster per tensor on that machine.
 # docs/benchmarks.md has the effect on whole training steps (``python -m benchmarks.train_step``).
@@ -140,19 +140,26 @@ class _FakeQuantizeAffine(torch.autograd.Function):
     def forward(
         ctx: Any, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, quant_min: int, quant_max: int
     ) -> torch.Tensor:
+        # The output and the saved mask are allocated before the temporary steps. Freeing the steps
+        # then leaves no gap between tensors that autograd keeps, which limits heap growth.
+        out = torch.empty_like(x)
+        inside = torch.empty_like(x, dtype=torch.bool) if ctx.needs_input_grad[0] else None
         steps = torch.mul(x, torch.reciprocal(scale)).round_()
         if zero_point.numel() == 1:
             # With one integer zero point, clamping the unshifted steps to the shifted range saves a pass.
             shift = int(zero_point.item())
-            clamped = steps.clamp(quant_min - shift, quant_max - shift)
+            low, high = quant_min - shift, quant_max - shift
         else:
             steps.add_(zero_point)
-            clamped = steps.clamp(quant_min, quant_max)
-        if ctx.needs_input_grad[0]:
-            ctx.save_for_backward(torch.eq(clamped, steps))
+            low, high = quant_min, quant_max
+        torch.clamp(steps, low, high, out=out)
+        if inside is not None:
+            torch.eq(out, steps, out=inside)
+            ctx.save_for_backward(inside)
+        del steps
         if zero_point.numel() != 1:
-            clamped.sub_(zero_point)
-        return clamped.mul_(scale)
+            out.sub_(zero_point)
+        return out.mul_(scale)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
