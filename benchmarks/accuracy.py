@@ -37,11 +37,11 @@ from benchmarks.harness import (
     BANKING77,
     MINILM,
     add_fine_tuning_options,
-    fix_threads,
     machine_line,
     parse_per_dataset,
     print_table,
     save_results,
+    start_fine_tuning_run,
 )
 from lightning_dynq import DynamicQuantCallback
 from lightning_dynq.datamodule import BucketingDataModule
@@ -232,10 +232,7 @@ def main() -> None:
         parser, max_train_examples="bbc_news=600,banking77=3000", max_test_examples="",
         learning_rate="bbc_news=1e-4,banking77=2e-4", fake_quant_start=0.0,
     )
-    args = parser.parse_args()
-    fix_threads(args.threads)
-    print(machine_line(args.threads), flush=True)
-    print(f"settings: {vars(args)}", flush=True)
+    args = start_fine_tuning_run(parser)
 
     all_results = {}
     for name in args.datasets.split(","):

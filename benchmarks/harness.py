@@ -70,6 +70,15 @@ def add_fine_tuning_options(
     parser.add_argument("--output", default=None, help="also write the results to this JSON file")
 
 
+def start_fine_tuning_run(parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """Parse the options, fix the thread count, and print the machine line and the settings."""
+    args = parser.parse_args()
+    fix_threads(args.threads)
+    print(machine_line(args.threads), flush=True)
+    print(f"settings: {vars(args)}", flush=True)
+    return args
+
+
 def machine_line(threads: int) -> str:
     """Describe the machine, the thread count, the torch version and the date of this run."""
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")

@@ -36,10 +36,10 @@ from benchmarks.harness import (
     MINILM,
     REPO_ROOT,
     add_fine_tuning_options,
-    fix_threads,
     machine_line,
     print_table,
     save_results,
+    start_fine_tuning_run,
 )
 from lightning_dynq import DynamicQuantCallback
 from lightning_dynq.datamodule import BucketingDataModule
@@ -138,10 +138,7 @@ def main() -> None:
         parser, max_train_examples="sms_spam=1000,banking77=3000", max_test_examples="sms_spam=600,banking77=1000",
         learning_rate="sms_spam=1e-4,banking77=2e-4", fake_quant_start=0.5,
     )
-    args = parser.parse_args()
-    fix_threads(args.threads)
-    print(machine_line(args.threads), flush=True)
-    print(f"settings: {vars(args)}", flush=True)
+    args = start_fine_tuning_run(parser)
 
     all_results: dict[str, Any] = {}
     for name in (item.strip() for item in args.datasets.split(",")):
