@@ -96,4 +96,4 @@ def test_bad_input_leaves_no_folder(tmp_path, override, message):
     with pytest.raises(ValueError, match=message):
         main(["fit", "--config", str(QUICKSTART), "--trainer.default_root_dir", str(tmp_path / "run"),
               "--trainer.enable_progress_bar", "false", *override])
-    assert not list((tmp_path / "run").rglob("*"))
+    assert not (tmp_path / "run").exists()

@@ -44,11 +44,12 @@ class DynqCLI(LightningCLI):
         )
 
     def _run_subcommand(self, subcommand: str) -> None:
+        root_existed = Path(self.trainer.default_root_dir).exists()
         try:
             super()._run_subcommand(subcommand)
         except BaseException:
-            # A run that fails early (bad column, unmatched pattern) leaves no empty version folder.
-            _remove_empty_log_dir(self.trainer)
+            # A run that fails early (bad column, unmatched pattern) leaves no empty folders behind.
+            _remove_empty_log_dir(self.trainer, remove_root=not root_existed)
             raise
 
     def after_fit(self) -> None:
@@ -58,8 +59,11 @@ class DynqCLI(LightningCLI):
         callback.test_fake_quant_and_int8(self.trainer, self.model, datamodule=self.datamodule)
 
 
-def _remove_empty_log_dir(trainer: pl.Trainer) -> None:
-    """Remove the run's log folder and its empty parents up to ``default_root_dir``, if all are empty."""
+def _remove_empty_log_dir(trainer: pl.Trainer, remove_root: bool) -> None:
+    """Remove the run's log folder and its empty parents up to ``default_root_dir``, if all are empty.
+
+    With ``remove_root``, an empty ``default_root_dir`` is removed too (for a folder the run created).
+    """
     if trainer.log_dir is None or not trainer.is_global_zero:
         return
     path = Path(trainer.log_dir).resolve()
@@ -67,6 +71,8 @@ def _remove_empty_log_dir(trainer: pl.Trainer) -> None:
     while path != root and root in path.parents and path.is_dir() and not any(path.iterdir()):
         path.rmdir()
         path = path.parent
+    if remove_root and root.is_dir() and not any(root.iterdir()):
+        root.rmdir()
 
 
 def _num_labels_or_none(datamodule: BucketingDataModule) -> Any:
