@@ -152,7 +152,9 @@ def write_figure(directory: str | Path, report: Mapping[str, Any]) -> Path | Non
     metric_values = []
     for offset, variant, label in ((-width / 2, "fake_quant", "fake-quant"), (width / 2, "int8", "int8")):
         values = [_or_nan(_bucket_metric(report, variant, bucket, name) if name else None) for bucket in buckets]
-        metric_axes.bar([p + offset for p in positions], values, width, label=label)
+        bars = metric_axes.bar([p + offset for p in positions], values, width, label=label)
+        # Printed values show differences too small to see in the bar heights.
+        metric_axes.bar_label(bars, fmt="%.4f", fontsize=8)
         metric_values += values
     metric_axes.set_title(f"{name or 'no metric'} per bucket")
     metric_axes.set_xticks(positions, labels)
@@ -163,7 +165,8 @@ def write_figure(directory: str | Path, report: Mapping[str, Any]) -> Path | Non
     latency_values = []
     for offset, variant in ((-width / 2, "fp32"), (width / 2, "int8")):
         values = [_or_nan(latency.get(variant, {}).get(bucket)) for bucket in buckets]
-        latency_axes.bar([p + offset for p in positions], values, width, label=variant)
+        bars = latency_axes.bar([p + offset for p in positions], values, width, label=variant)
+        latency_axes.bar_label(bars, fmt="%.1f", fontsize=8)
         latency_values += values
     latency_axes.set_title("forward latency per bucket (ms, median)" if latency else "latency not measured")
     latency_axes.set_xticks(positions, labels)
