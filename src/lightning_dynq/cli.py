@@ -62,7 +62,8 @@ class DynqCLI(LightningCLI):
 def _remove_empty_log_dir(trainer: pl.Trainer, remove_root: bool) -> None:
     """Remove the run's log folder and its empty parents up to ``default_root_dir``, if all are empty.
 
-    With ``remove_root``, an empty ``default_root_dir`` is removed too (for a folder the run created).
+    With ``remove_root`` (set when this run created ``default_root_dir``), an empty
+    ``default_root_dir`` is removed too.
     """
     if trainer.log_dir is None or not trainer.is_global_zero:
         return

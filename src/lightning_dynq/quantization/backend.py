@@ -173,6 +173,9 @@ class CPUFakeQuantize(tq.FakeQuantize):
     Observation and the stored scale and zero point are those of ``FakeQuantize``, so conversion,
     checkpoints and the DDP observer sync see no difference. Other devices, dtypes other than
     float32 and float zero points (embedding rows) use the torch kernels.
+
+    NOTE: on a GPU this falls back to the unfused ``FakeQuantize`` kernels, not the fused op of the
+    engine default. The GPU path has not been timed.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -225,6 +228,7 @@ def _on_cpu_kernels(qconfig: Any) -> Any:
 
 
 def _fake_quant_on_cpu_kernels(constructor: Any) -> Any:
+    """Return one ``with_args`` constructor rebuilt on :class:`CPUFakeQuantize`, or unchanged."""
     partial = getattr(constructor, "p", None)
     if partial is None or partial.args or partial.func not in (tq.FakeQuantize, tq.FusedMovingAvgObsFakeQuantize):
         return constructor
